@@ -1,0 +1,81 @@
+"""The contract between a method and the one training engine (kdjax/train.py).
+
+A method is data: it holds pure functions and no loops, no I/O, no devices.
+The engine owns the optimizer loop, sharding, device-resident data, PRNG keys,
+checkpoints, evaluation and the report.
+
+Variables are split in three pytrees:
+  params  trainable; optimized by optax and checkpointed.
+  state   not optimized but part of the trained model and checkpointed:
+          BatchNorm running statistics, feature-normalization statistics
+          (EfficientAD's teacher mean/std), etc. ``loss`` returns its update.
+  frozen  constants that are not checkpointed: the teacher's variables, and
+          any constant arrays a loss needs (e.g. penalty images).
+
+Images reach methods as float32 NHWC, ImageNet-normalized, at
+``config.data.image_size``. Maps leave methods as (N, H, W) float32 at the
+same size. Anything random inside ``loss`` (augmentation, masking) is drawn
+from the ``rng`` argument with ``jax.random``, on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterator, Tuple
+
+import jax
+import optax
+
+Pytree = Any
+
+
+class Method:
+    name = "base"
+    # Names of the map components that ``maps`` returns. With more than one,
+    # the engine normalizes each with quantiles of the validation maps
+    # (0.1 * (m - q_a) / (q_b - q_a)) and sums them with config.eval weights.
+    map_names: Tuple[str, ...] = ("map",)
+    # Whether the engine must compute validation-quantile normalization even
+    # for a single component (EfficientAD does).
+    normalize_with_validation = False
+
+    def __init__(self, config):
+        self.config = config
+
+    # --- construction -----------------------------------------------------
+    def init(self, rng: jax.Array, image_shape: Tuple[int, int, int, int]) -> Dict[str, Pytree]:
+        """Return {"params": ..., "state": ..., "frozen": ...} (see module doc).
+
+        ``image_shape`` is (N, H, W, 3) of one example batch.
+        """
+        raise NotImplementedError
+
+    def teacher_description(self) -> str:
+        """What teacher weights were used, for logs and results.json."""
+        return "none"
+
+    def prepare(self, variables: Dict[str, Pytree],
+                train_batches: Callable[[], Iterator[jax.Array]]) -> Pytree:
+        """Hook run once before training; returns the (possibly updated) state.
+
+        ``train_batches()`` yields normalized training images in batches (a
+        fresh iterator each call), e.g. for EfficientAD's teacher channel
+        statistics. Default: state unchanged.
+        """
+        return variables["state"]
+
+    def optimizer(self, total_steps: int) -> optax.GradientTransformation:
+        """The optax optimizer from config.train (default: Adam with config betas)."""
+        t = self.config.train
+        return optax.adam(t.learning_rate, b1=t.get("b1", 0.9), b2=t.get("b2", 0.999))
+
+    # --- training ---------------------------------------------------------
+    def loss(self, params: Pytree, state: Pytree, frozen: Pytree, images: jax.Array,
+             rng: jax.Array) -> Tuple[jax.Array, Tuple[Pytree, Dict[str, jax.Array]]]:
+        """Scalar loss on a batch, with (new_state, {metric name: scalar})."""
+        raise NotImplementedError
+
+    # --- inference --------------------------------------------------------
+    def maps(self, params: Pytree, state: Pytree, frozen: Pytree,
+             images: jax.Array) -> Dict[str, jax.Array]:
+        """Anomaly-map components {name: (N, H, W)} at the input resolution."""
+        raise NotImplementedError
