@@ -18,6 +18,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.method = "rd4ad"
     c.seed = 111
     c.multihost = False  # call jax.distributed.initialize() first
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # empty: let JAX detect the cluster
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    c.distributed.cpu_collectives = False  # gloo collectives for CPU-only multi-process runs
     c.init_from = ""  # a checkpoint trained with the reference PyTorch code
 
     c.data = ml_collections.ConfigDict()
@@ -50,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.log_every = 50
     c.train.compute_dtype = "float32"  # float32 | bfloat16
+    c.train.interrupt_after = 0  # tests: simulate an interruption after this step
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 16
@@ -59,6 +65,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.quantiles = (0.9, 0.995)
     c.eval.num_figures = 8
     c.eval.pro_per_image = True
+    c.eval.gaussian_sigma = 4.0
+    # Extra map-weight variants evaluated from the same model: {name: {component: weight}}.
+    c.eval.weight_variants = ml_collections.ConfigDict()
+
+    # Training variants side by side: {name: {"dotted.key": value}}; each is trained in
+    # its own checkpoint directory (shared by variants whose training is identical).
+    c.variants = ml_collections.ConfigDict()
 
     # Paper numbers shown beside ours in results.md: {category or "mean": {metric: value}}.
     c.targets = ml_collections.ConfigDict()

@@ -42,3 +42,160 @@ def hard_feature_loss(distance: jax.Array, quantile: float = 0.999) -> jax.Array
     q = jnp.quantile(d, quantile)
     keep = d >= q
     return jnp.sum(jnp.where(keep, d, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+
+
+# --- Contextual affinity (CAD / DSKD; METHODS.md, "CAD") --------------------
+#
+# The affinity of a feature map F with P = H*W positions and C channels is the
+# P x P matrix A = Fn Fn^T, Fn the per-position L2-normalized features: the
+# cosine similarity of every pair of positions of one image. At 64x64 that is
+# 16.7M entries per image, so the training path never builds it: it walks over
+# blocks of query rows (``lax.map`` of a ``jax.checkpoint``-ed block function,
+# so the backward pass recomputes each block instead of storing all of them)
+# and keeps only per-row sums. The ``*_direct`` functions build the matrices;
+# they are the reference the chunked path is tested against.
+
+_AFFINITY_DISTANCES = ("l1", "l2")
+_PRECISIONS = {"default": None, "high": jax.lax.Precision.HIGH,
+               "highest": jax.lax.Precision.HIGHEST}
+
+
+def _positions(f: jax.Array) -> jax.Array:
+    """NHWC -> (N, HW, C) float32; (N, P, C) passes through."""
+    if f.ndim == 4:
+        f = f.reshape(f.shape[0], f.shape[1] * f.shape[2], f.shape[3])
+    elif f.ndim != 3:
+        raise ValueError(f"affinity: expected features (N, H, W, C) or (N, P, C), got shape {f.shape}.")
+    return f.astype(jnp.float32)
+
+
+def _check_pair(t: jax.Array, s: jax.Array) -> None:
+    if t.shape[:-1] != s.shape[:-1]:
+        raise ValueError(
+            f"affinity: teacher and student features must have the same positions, got "
+            f"{t.shape} and {s.shape} (channel counts may differ).")
+
+
+def _distance(d: jax.Array, distance: str) -> jax.Array:
+    if distance == "l1":
+        return jnp.abs(d)
+    if distance == "l2":
+        return d * d
+    raise ValueError(f"affinity distance {distance!r} is not known: use 'l1' or 'l2'.")
+
+
+def _precision(precision):
+    if precision is None or not isinstance(precision, str):
+        return precision
+    if precision not in _PRECISIONS:
+        raise ValueError(f"affinity precision {precision!r}: use one of {', '.join(_PRECISIONS)}.")
+    return _PRECISIONS[precision]
+
+
+def normalize_positions(f: jax.Array) -> jax.Array:
+    """Per-position L2 normalization along channels of (N, P, C) or NHWC
+    (a zero vector stays zero; the norm is clamped at 1e-8 as in cosine_distance_map)."""
+    f = f.astype(jnp.float32)
+    n = jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True))
+    return f / jnp.maximum(n, _EPS)
+
+
+def affinity_matrix(f: jax.Array, precision=None) -> jax.Array:
+    """A = Fn Fn^T of features (N, H, W, C) or (N, P, C) -> (N, P, P). Materializes A."""
+    fn = normalize_positions(_positions(f))
+    return jnp.einsum("npc,nqc->npq", fn, fn, precision=_precision(precision))
+
+
+def affinity_loss_direct(t: jax.Array, s: jax.Array, distance: str = "l1",
+                         precision=None) -> jax.Array:
+    """Mean over all N*P*P entries of |A_t - A_s| ("l1") or (A_t - A_s)^2 ("l2").
+
+    Reference implementation that builds both matrices; use ``affinity_loss``.
+    """
+    t, s = _positions(t), _positions(s)
+    _check_pair(t, s)
+    return jnp.mean(_distance(affinity_matrix(t, precision) - affinity_matrix(s, precision),
+                              distance))
+
+
+def affinity_discrepancy_map_direct(t: jax.Array, s: jax.Array, distance: str = "l1",
+                                    precision=None) -> jax.Array:
+    """D[n, p] = mean over q != p of dist(A_t[p, q] - A_s[p, q]).
+
+    The diagonal q == p is excluded (it is 1 - 1 = 0 for non-zero features, so
+    including it would only scale D by (P - 1) / P). Returns (N, H, W) for NHWC
+    input, (N, P) for (N, P, C) input. Reference implementation (materializes A).
+    """
+    shape = t.shape[:-1]
+    t, s = _positions(t), _positions(s)
+    _check_pair(t, s)
+    e = _distance(affinity_matrix(t, precision) - affinity_matrix(s, precision), distance)
+    p = e.shape[-1]
+    e = e * (1.0 - jnp.eye(p, dtype=e.dtype))
+    return (jnp.sum(e, axis=-1) / max(p - 1, 1)).reshape(shape)
+
+
+def affinity_row_sums(t: jax.Array, s: jax.Array, distance: str = "l1", block: int = 512,
+                      precision=None) -> jax.Array:
+    """R[n, p] = sum over ALL q (diagonal included) of dist(A_t[p, q] - A_s[p, q]).
+
+    Never builds the P x P matrices: query rows are processed ``block`` at a
+    time (the last block is zero-padded; a zero row has zero affinity in both
+    maps, so padding adds nothing and is sliced off). Peak memory is about
+    2 * N * block * P floats plus the features; under ``jax.grad`` each block
+    is recomputed in the backward pass (``jax.checkpoint``), so memory does not
+    grow with the number of blocks. Returns (N, P) float32.
+    """
+    t, s = _positions(t), _positions(s)
+    _check_pair(t, s)
+    if block < 1:
+        raise ValueError(f"affinity block size must be >= 1, got {block}.")
+    prec = _precision(precision)
+    tn, sn = normalize_positions(t), normalize_positions(s)
+    n, p, _ = tn.shape
+
+    def rows(tq, sq):  # query blocks (N, b, C) -> (N, b) row sums
+        at = jnp.einsum("nbc,nqc->nbq", tq, tn, precision=prec)
+        as_ = jnp.einsum("nbc,nqc->nbq", sq, sn, precision=prec)
+        return jnp.sum(_distance(at - as_, distance), axis=-1)
+
+    if block >= p:
+        return rows(tn, sn)
+    nb = -(-p // block)
+    pad = nb * block - p
+
+    def blocks(x):  # (N, P, C) -> (nb, N, block, C)
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+        return jnp.moveaxis(x.reshape(n, nb, block, x.shape[-1]), 1, 0)
+
+    step = jax.checkpoint(lambda xs: rows(*xs))
+    out = jax.lax.map(step, (blocks(tn), blocks(sn)))  # (nb, N, block)
+    return jnp.moveaxis(out, 0, 1).reshape(n, nb * block)[:, :p]
+
+
+def affinity_loss(t: jax.Array, s: jax.Array, distance: str = "l1", block: int = 512,
+                  precision=None) -> jax.Array:
+    """Contextual affinity loss of one scale, chunked: equals ``affinity_loss_direct``."""
+    r = affinity_row_sums(t, s, distance, block, precision)
+    return jnp.sum(r) / (r.shape[0] * r.shape[1] * r.shape[1])
+
+
+def affinity_discrepancy_map(t: jax.Array, s: jax.Array, distance: str = "l1", block: int = 512,
+                             precision=None) -> jax.Array:
+    """Per-position affinity discrepancy, chunked: equals ``affinity_discrepancy_map_direct``
+    (mean over q != p; the diagonal term is computed exactly and subtracted)."""
+    shape = t.shape[:-1]
+    r = affinity_row_sums(t, s, distance, block, precision)
+    tn, sn = normalize_positions(_positions(t)), normalize_positions(_positions(s))
+    diag = _distance(jnp.sum(tn * tn, -1) - jnp.sum(sn * sn, -1), distance)
+    p = r.shape[-1]
+    return ((r - diag) / max(p - 1, 1)).reshape(shape)
+
+
+def contextual_affinity_loss(teacher: Sequence[jax.Array], student: Sequence[jax.Array],
+                             distance: str = "l1", block: int = 512, precision=None) -> jax.Array:
+    """CAD's contextual affinity loss: ``affinity_loss`` summed over the scales."""
+    total = 0.0
+    for t, s in zip(teacher, student):
+        total = total + affinity_loss(t, s, distance, block, precision)
+    return total

@@ -1,0 +1,105 @@
+"""RD4AD: reverse distillation from a one-class embedding (Deng & Li, CVPR 2022).
+
+Teacher: frozen ImageNet WRN50-2, taps layer1..layer3. Student: the trainable
+OCBE bottleneck and the mirrored decoder (kdjax.models.rd.RDStudent), BatchNorm
+in train mode during training. Loss: the flattened cosine loss summed over the
+three scales. Map: per-pixel cosine distance at each scale, bilinear upsample
+(align_corners=True) to the input size, SUM over scales, Gaussian sigma 4.
+Image score: max of the map (the engine takes it).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+
+from kdjax import losses, ops
+from kdjax.methods.base import Method
+
+TAPS = ("layer1", "layer2", "layer3")
+
+
+def rd_anomaly_map(teacher: Dict[str, jax.Array], student: Dict[str, jax.Array], size,
+                   sigma: float = 4.0, taps=TAPS) -> jax.Array:
+    """Sum over taps of the upsampled per-pixel cosine distance, Gaussian-filtered."""
+    total = 0.0
+    for k in taps:
+        d = losses.cosine_distance_map(teacher[k], student[k])
+        total = total + ops.resize_bilinear(d, size, align_corners=True)
+    return ops.gaussian_blur(total, sigma)
+
+
+def compute_dtype(config):
+    return jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
+
+
+class RD4AD(Method):
+    name = "rd4ad"
+    map_names = ("map",)
+    generation = False  # MRKD's feature generation modules
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.dtype = compute_dtype(config)
+        self.teacher = None
+        self._teacher_desc = "not loaded"
+
+    # --- parts ------------------------------------------------------------
+    def build_teacher(self):
+        from kdjax import weights
+
+        t = self.config.teacher
+        module, variables = weights.load_teacher(
+            t.arch, str(t.weights), width_divisor=int(t.width_divisor), dtype=self.dtype)
+        self.teacher = module
+        self._teacher_desc = weights.describe_source(t.arch, str(t.weights)) if hasattr(
+            weights, "describe_source") else f"{t.arch} ({t.weights})"
+        return variables
+
+    def build_student(self):
+        from kdjax.models.rd import RDStudent
+
+        return RDStudent(width_divisor=int(self.config.teacher.width_divisor),
+                         generation=self.generation, dtype=self.dtype)
+
+    def teacher_description(self) -> str:
+        return self._teacher_desc
+
+    def teacher_features(self, frozen, images) -> Dict[str, jax.Array]:
+        feats = self.teacher.apply(frozen["teacher"], images.astype(self.dtype))
+        return {k: jax.lax.stop_gradient(feats[k]) for k in TAPS}
+
+    def student_features(self, params, state, feats, train: bool,
+                         flm_masks: Optional[dict] = None):
+        """Student outputs {tap: NHWC}; in training also the new state."""
+        variables = {"params": params, "batch_stats": state["batch_stats"]}
+        kwargs = {} if flm_masks is None else {"flm_masks": flm_masks}
+        if train:
+            out, upd = self.student.apply(variables, feats, train=True, mutable=["batch_stats"],
+                                          **kwargs)
+            return out, {**state, "batch_stats": upd["batch_stats"]}
+        return self.student.apply(variables, feats, train=False, **kwargs), state
+
+    # --- Method contract --------------------------------------------------
+    def init(self, rng, image_shape):
+        teacher_vars = self.build_teacher()
+        self.student = self.build_student()
+        dummy = jnp.zeros((1,) + tuple(image_shape[1:]), self.dtype)
+        feats = self.teacher.apply(teacher_vars, dummy)
+        feats = {k: feats[k] for k in TAPS}
+        svars = self.student.init({"params": rng}, feats, train=False)
+        return {"params": svars["params"], "state": {"batch_stats": svars["batch_stats"]},
+                "frozen": {"teacher": teacher_vars}}
+
+    def loss(self, params, state, frozen, images, rng):
+        t = self.teacher_features(frozen, images)
+        s, new_state = self.student_features(params, state, t, train=True)
+        loss = losses.flat_cosine_loss([t[k] for k in TAPS], [s[k] for k in TAPS])
+        return loss, (new_state, {"loss": loss})
+
+    def maps(self, params, state, frozen, images):
+        t = self.teacher_features(frozen, images)
+        s, _ = self.student_features(params, state, t, train=False)
+        return {"map": rd_anomaly_map(t, s, images.shape[1:3], self.config.eval.get("gaussian_sigma", 4.0))}
