@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher.arch = "wide_resnet50_2"
     c.teacher.weights = "auto"  # path | auto | random
     c.teacher.allow_random = False
+    # With weights="auto": fall back to a random teacher (announced) when the ImageNet
+    # weights are neither cached nor downloadable. Demos only.
+    c.teacher.fallback_random = False
     c.teacher.width_divisor = 1  # >1 only with random weights (tests, tiny demos)
 
     c.train = ml_collections.ConfigDict()
@@ -142,3 +145,26 @@ def validate(config) -> None:
         raise ValueError("train.compute_dtype must be 'float32' or 'bfloat16'.")
     if config.eval.resolution not in ("input", "original"):
         raise ValueError("eval.resolution must be 'input' or 'original'.")
+
+
+def load_config(name_or_path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """Load configs/<name>.py (or any config file path) and apply {"dotted.key": value}.
+
+    For notebooks and tests; the command line uses --config=... instead.
+    """
+    import importlib.util
+
+    path = name_or_path
+    if not path.endswith(".py"):
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.path.join(here, "configs", name_or_path + ".py")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No config file {path!r}.")
+    spec = importlib.util.spec_from_file_location(
+        "kdjax_config_" + os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    if overrides:
+        config.update_from_flattened_dict(dict(overrides))
+    return config

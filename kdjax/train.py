@@ -546,24 +546,27 @@ def _training_signature(config) -> str:
 
 def run_config(config, workdir: str, mode: str, ckpt_root: str) -> Dict[str, Any]:
     """Train and/or evaluate every category of one config; returns per-variant categories."""
-    method = get_method(config)
     mesh = make_mesh()
     root = dataset_root(config, workdir)
     cats = config_lib.categories_of(config)
     if config.data.dataset == "synthetic" and str(config.data.category) in ("all", ""):
         cats = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    weight_variants = _weight_variants(config, method)
-    per_variant: Dict[str, Dict[str, Dict[str, float]]] = {v: {} for v in weight_variants}
+    per_variant: Dict[str, Dict[str, Dict[str, float]]] = {}
+    method = None
     for cat_name in cats:
-        cat = load_category(config, root, cat_name, needs_validation(method))
+        cat_config = copy.deepcopy(config)
+        with cat_config.unlocked():
+            cat_config.data.category = cat_name
+        method = get_method(cat_config)  # per category: e.g. MRKD's NSA settings
+        cat = load_category(cat_config, root, cat_name, needs_validation(method))
         ckpt_dir = os.path.join(ckpt_root, cat_name)
-        ts, frozen = train_category(config, method, cat, ckpt_dir, mesh,
+        ts, frozen = train_category(cat_config, method, cat, ckpt_dir, mesh,
                                     train=mode in ("train", "train_and_eval"))
         if mode in ("eval", "train_and_eval"):
-            res = evaluate_category(config, method, ts, frozen, cat, workdir, mesh,
-                                    weight_variants)
+            res = evaluate_category(cat_config, method, ts, frozen, cat, workdir, mesh,
+                                    _weight_variants(config, method))
             for v, m in res.items():
-                per_variant[v][cat_name] = m
+                per_variant.setdefault(v, {})[cat_name] = m
             log.info("[%s] %s", cat_name, ", ".join(
                 f"{k}={v:.4f}" for k, v in res["default"].items()
                 if k in ("image_auroc", "logical_auroc", "structural_auroc", "pixel_auroc",

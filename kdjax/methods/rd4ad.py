@@ -10,6 +10,7 @@ Image score: max of the map (the engine takes it).
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, Optional
 
 import jax
@@ -51,11 +52,23 @@ class RD4AD(Method):
         from kdjax import weights
 
         t = self.config.teacher
-        module, variables = weights.load_teacher(
-            t.arch, str(t.weights), width_divisor=int(t.width_divisor), dtype=self.dtype)
+        source = str(t.weights)
+        try:
+            module, variables = weights.load_teacher(
+                t.arch, source, width_divisor=int(t.width_divisor), dtype=self.dtype)
+        except Exception as e:  # offline without a cached port, for instance
+            if not (source == "auto" and t.get("fallback_random", False)):
+                raise
+            logging.getLogger("kdjax").warning(
+                "*** ImageNet weights for %s are not available (%s). Using a RANDOM teacher: "
+                "results will not mean much. Get the real weights with:  python "
+                "tools/port_weights.py --arch %s --src auto ***", t.arch, e, t.arch)
+            source = "random"
+            module, variables = weights.load_teacher(
+                t.arch, source, width_divisor=int(t.width_divisor), dtype=self.dtype)
         self.teacher = module
-        self._teacher_desc = weights.describe_source(t.arch, str(t.weights)) if hasattr(
-            weights, "describe_source") else f"{t.arch} ({t.weights})"
+        self._teacher_desc = (weights.describe_source(t.arch, source)
+                              if hasattr(weights, "describe_source") else f"{t.arch} ({source})")
         return variables
 
     def build_student(self):

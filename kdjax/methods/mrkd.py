@@ -1,0 +1,68 @@
+"""MRKD: masked reverse knowledge distillation (Jiang, Cao, Shen, KBS 2023).
+
+RD4AD plus two training-time masks (METHODS.md):
+- ILM (image-level masking): the student path sees OCBE(teacher(x~)) with x~
+  an NSA "swap" anomaly of the same image (kdjax.methods.nsa, per-category
+  settings); the target stays teacher(x) of the clean image.
+- FLM (feature-level masking): each decoder output is zeroed at random
+  positions (probability ``mrkd.mask_prob``, all channels), then a generation
+  module (Conv3x3 -> ReLU -> Conv3x3) produces the student feature.
+Inference is RD4AD's, through the generation modules without masks. The
+official code also masks at test time (random evaluation); set
+``mrkd.flm_at_test=True`` to reproduce that.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kdjax import losses
+from kdjax.methods import nsa
+from kdjax.methods.rd4ad import RD4AD, TAPS, rd_anomaly_map
+
+
+def flm_masks(key, feats, prob: float):
+    """{tap: (N, h, w, 1)} keep-masks: 0 with probability ``prob`` per position."""
+    keys = jax.random.split(key, len(TAPS))
+    return {k: jax.random.bernoulli(kk, 1.0 - prob, feats[k].shape[:3] + (1,)).astype(
+        feats[k].dtype) for k, kk in zip(TAPS, keys)}
+
+
+class MRKD(RD4AD):
+    name = "mrkd"
+    generation = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        m = config.get("mrkd", None)
+        self.ilm = bool(m.ilm) if m is not None else True
+        self.flm = bool(m.flm) if m is not None else True
+        self.mask_prob = float(m.mask_prob) if m is not None else 0.2
+        self.flm_at_test = bool(m.flm_at_test) if m is not None else False
+        cat = (m.nsa_category if m is not None and m.get("nsa_category", "") else
+               str(config.data.category))
+        self.nsa_params = nsa.params_for(cat)
+
+    def loss(self, params, state, frozen, images, rng):
+        k_nsa, k_flm = jax.random.split(rng)
+        target = self.teacher_features(frozen, images)
+        if self.ilm:
+            x_tilde = nsa.nsa_batch(k_nsa, images, self.nsa_params)
+            feats = self.teacher_features(frozen, x_tilde)
+        else:
+            feats = target
+        # decoder outputs have the teacher taps' shapes
+        masks = flm_masks(k_flm, feats, self.mask_prob) if self.flm else None
+        s, new_state = self.student_features(params, state, feats, train=True, flm_masks=masks)
+        loss = losses.flat_cosine_loss([target[k] for k in TAPS], [s[k] for k in TAPS])
+        return loss, (new_state, {"loss": loss})
+
+    def maps(self, params, state, frozen, images):
+        t = self.teacher_features(frozen, images)
+        masks = None
+        if self.flm_at_test:  # official-code behaviour: random masks at test time
+            masks = flm_masks(jax.random.PRNGKey(0), t, self.mask_prob)
+        s, _ = self.student_features(params, state, t, train=False, flm_masks=masks)
+        return {"map": rd_anomaly_map(t, s, images.shape[1:3],
+                                      self.config.eval.get("gaussian_sigma", 4.0))}
