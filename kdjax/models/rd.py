@@ -52,6 +52,7 @@ class OCBE(nn.Module):
 
     width_divisor: int = 1
     dtype: Dtype = jnp.float32
+    blocks: int = 3
 
     @nn.compact
     def __call__(self, feats: Mapping[str, Any], train: bool = False):
@@ -65,7 +66,7 @@ class OCBE(nn.Module):
         b = nn.relu(batch_norm(train, self.dtype, "bn3")(conv(4 * c, 3, 2, 1, self.dtype, "conv3")(l2)))
         x = jnp.concatenate([a, b, l3], axis=-1)
         planes, width = 512 // d, 1024 // d
-        for i in range(3):
+        for i in range(self.blocks):
             x = Bottleneck(planes, width, stride=2 if i == 0 else 1, downsample=i == 0,
                            dtype=self.dtype, name=f"bn_layer_{i}")(x, train)
         return x
@@ -171,6 +172,8 @@ class RDStudent(nn.Module):
     width_divisor: int = 1
     generation: bool = False
     dtype: Dtype = jnp.float32
+    ocbe_blocks: int = 3  # reference: 3; fewer only for fast tests (no checkpoint import then)
+    decoder_stages: tuple = (3, 4, 6)  # reference: (3, 4, 6); likewise
 
     @nn.compact
     def __call__(self, teacher_feats: Mapping[str, Any], train: bool = False,
@@ -178,8 +181,8 @@ class RDStudent(nn.Module):
         if flm_masks is not None and not self.generation:
             raise ValueError("flm_masks were given but this RDStudent has generation=False; "
                              "build it with generation=True (MRKD) to use feature-level masking")
-        z = OCBE(self.width_divisor, self.dtype, name="bn")(teacher_feats, train)
-        return Decoder(self.width_divisor, self.generation, dtype=self.dtype,
+        z = OCBE(self.width_divisor, self.dtype, self.ocbe_blocks, name="bn")(teacher_feats, train)
+        return Decoder(self.width_divisor, self.generation, tuple(self.decoder_stages), dtype=self.dtype,
                        name="decoder")(z, train, flm_masks)
 
 

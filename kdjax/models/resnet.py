@@ -196,6 +196,7 @@ def make_resnet(arch: str, width_divisor: int = 1, dtype: Dtype = jnp.float32, *
         raise ValueError(f"width_divisor must be a positive divisor of 64, got {width_divisor}")
     cfg = dict(ARCHS[arch])
     cfg.update(kw)
+    cfg["stage_sizes"] = tuple(cfg["stage_sizes"])
     return ResNet(width_divisor=width_divisor, dtype=dtype, **cfg)
 
 

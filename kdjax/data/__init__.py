@@ -1,0 +1,43 @@
+"""Datasets: MVTec AD, MVTec LOCO AD, image folders and kdjax's synthetic LOCO-layout set.
+
+The API the engine, the metrics and the notebooks call (DATA.md, INTERFACE.md):
+
+* ``list_records(dataset, root, category, split)`` -> sorted ``Record`` list
+* ``split_train_val(records, fraction, seed)`` -> (train, val)
+* ``read_image(path)`` -> uint8 (H, W, 3); ``ImageError`` if undecodable
+* ``load_images(records, image_size, on_corrupt="raise")`` -> (uint8 (N, S, S, 3), kept records)
+* ``original_sizes(records)`` -> [(H, W)] from headers
+* ``load_masks(records, size=None)`` -> uint8 (N, H, W) in {0, 1}
+* ``load_regions(record, size=None)`` -> [GTRegion] (LOCO)
+* ``ensure_synthetic(root, seed, image_size, counts)`` -> category name
+* ``make_dataset(records, image_size, batch_size, seed=...)`` -> tf.data.Dataset
+  (TensorFlow is imported only when this is called)
+
+Importing this package is cheap: numpy and PIL only.
+"""
+
+from kdjax.data.pipeline import make_dataset
+from kdjax.data.readers import (DATASET_URL, IMAGE_EXTENSIONS, DatasetError, ImageError,
+                                has_masks, list_records, load_images, load_masks,
+                                load_regions, original_sizes, read_defects_config,
+                                read_image, split_train_val)
+from kdjax.data.types import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, MVTEC_AD_CATEGORIES,
+                              MVTEC_LOCO_CATEGORIES, GTRegion, Record, RegionSpec)
+
+
+
+def ensure_synthetic(root, seed=0, image_size=256, counts=(200, 40, 40, 40, 40)):
+    """Generate kdjax's synthetic LOCO-layout set into ``root`` unless it is there with
+    the same parameters; return its category name. See kdjax.data.synthetic."""
+    from kdjax.data import synthetic
+
+    return synthetic.ensure_synthetic(root, seed=seed, image_size=image_size, counts=counts)
+
+
+__all__ = [
+    "DATASETS", "DATASET_URL", "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD",
+    "MVTEC_AD_CATEGORIES", "MVTEC_LOCO_CATEGORIES", "DatasetError", "GTRegion", "ImageError",
+    "Record", "RegionSpec", "ensure_synthetic", "has_masks", "list_records", "load_images",
+    "load_masks", "load_regions", "make_dataset", "original_sizes", "read_defects_config",
+    "read_image", "split_train_val",
+]

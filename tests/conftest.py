@@ -1,0 +1,156 @@
+"""Shared pytest fixtures: tiny datasets written into temporary directories.
+
+Builders (plain functions, also handed out by the fixtures of the same name):
+
+* ``make_mvtec_ad(root, category="bottle", n_train=6, n_good=2, defects=(("crack", 2),),
+  size=(40, 48), grayscale=False, masks=True, seed=0) -> root``: an MVTec AD
+  category (masks ground_truth/<type>/NNN_mask.png, 0/255, a rectangle per image).
+* ``make_loco(root, category="breakfast_box", ..., size=(36, 52)) -> root``: an MVTec LOCO AD
+  category with defects_config.json (relative and absolute saturation entries)
+  and GT folders holding 1 or 2 region PNGs.
+* ``make_folder(root, category="widgets", ...) -> root``: the MVTec AD layout, masks
+  optional (``masks=False`` writes none).
+
+Session fixtures (built once per test session, read-only for tests):
+
+* ``tiny_synthetic_root``: str root of kdjax's synthetic set at 64 px,
+  counts (12, 4, 4, 5, 4); the category is ``kdjax.data.synthetic.CATEGORY`` ("tray").
+* ``mini_mvtec_ad_root``: str root holding "bottle" (RGB, 40x48) and "grid"
+  (grayscale, 32x32), each with 6 train, 2 good and 2+1 defective test images.
+* ``mini_loco_root``: str root holding "breakfast_box" (see make_loco).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+# Tests run on the CPU, and compiled XLA programs are cached on disk: tests (and the
+# subprocesses some of them start) that build the same model reuse one compilation.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "kdjax-test-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+LOCO_CONFIG = [
+    {"defect_name": "missing_item", "pixel_value": 255, "saturation_threshold": 120,
+     "relative_saturation": False},
+    {"defect_name": "wrong_item", "pixel_value": 200, "saturation_threshold": 1.0,
+     "relative_saturation": True},
+    {"defect_name": "scratch", "pixel_value": 150, "saturation_threshold": 0.5,
+     "relative_saturation": True},
+]
+
+
+def _rand_image(rng, size, grayscale=False):
+    h, w = size
+    if grayscale:
+        return (rng.random((h, w)) * 255).astype(np.uint8)
+    return (rng.random((h, w, 3)) * 255).astype(np.uint8)
+
+
+def _rect_mask(rng, size, value=255):
+    h, w = size
+    m = np.zeros((h, w), np.uint8)
+    y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+    m[y0:y0 + max(2, h // 3), x0:x0 + max(2, w // 3)] = value
+    return m
+
+
+def _save(arr, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def make_mvtec_ad(root, category="bottle", n_train=6, n_good=2, defects=(("crack", 2),),
+                  size=(40, 48), grayscale=False, masks=True, seed=0):
+    """Write a tiny MVTec AD category into ``root``; return ``root`` (str)."""
+    root = str(root)
+    rng = np.random.default_rng(seed)
+    cat = os.path.join(root, category)
+    for i in range(n_train):
+        _save(_rand_image(rng, size, grayscale), os.path.join(cat, "train", "good", f"{i:03d}.png"))
+    for i in range(n_good):
+        _save(_rand_image(rng, size, grayscale), os.path.join(cat, "test", "good", f"{i:03d}.png"))
+    for name, n in defects:
+        for i in range(n):
+            _save(_rand_image(rng, size, grayscale), os.path.join(cat, "test", name, f"{i:03d}.png"))
+            if masks:
+                _save(_rect_mask(rng, size), os.path.join(cat, "ground_truth", name,
+                                                          f"{i:03d}_mask.png"))
+    return root
+
+
+def make_folder(root, category="widgets", masks=False, **kw):
+    """A custom folder dataset (MVTec AD layout, masks optional)."""
+    return make_mvtec_ad(root, category=category, masks=masks, **kw)
+
+
+def make_loco(root, category="breakfast_box", n_train=5, n_val=3, n_good=2, n_logical=2,
+              n_structural=2, size=(36, 52), seed=0, config=True):
+    """Write a tiny MVTec LOCO AD category; image i of each anomalous type has
+    (i % 2) + 1 region PNGs: logical ones use values 255 (absolute saturation
+    120) and 200 (relative 1.0), structural ones 150 (relative 0.5)."""
+    root = str(root)
+    rng = np.random.default_rng(seed)
+    cat = os.path.join(root, category)
+    for split, n in (("train", n_train), ("validation", n_val)):
+        for i in range(n):
+            _save(_rand_image(rng, size), os.path.join(cat, split, "good", f"{i:03d}.png"))
+    for i in range(n_good):
+        _save(_rand_image(rng, size), os.path.join(cat, "test", "good", f"{i:03d}.png"))
+    for folder, n, values in (("logical_anomalies", n_logical, (255, 200)),
+                              ("structural_anomalies", n_structural, (150, 150))):
+        for i in range(n):
+            _save(_rand_image(rng, size), os.path.join(cat, "test", folder, f"{i:03d}.png"))
+            for k in range(i % 2 + 1):
+                _save(_rect_mask(rng, size, values[k]),
+                      os.path.join(cat, "ground_truth", folder, f"{i:03d}", f"{k:03d}.png"))
+    if config:
+        with open(os.path.join(cat, "defects_config.json"), "w") as f:
+            json.dump(LOCO_CONFIG, f)
+    return root
+
+
+@pytest.fixture(name="make_mvtec_ad")
+def _make_mvtec_ad_fixture():
+    return make_mvtec_ad
+
+
+@pytest.fixture(name="make_loco")
+def _make_loco_fixture():
+    return make_loco
+
+
+@pytest.fixture(name="make_folder")
+def _make_folder_fixture():
+    return make_folder
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic_root(tmp_path_factory):
+    from kdjax.data import ensure_synthetic
+
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    ensure_synthetic(root, seed=0, image_size=64, counts=(12, 4, 4, 5, 4))
+    return root
+
+
+@pytest.fixture(scope="session")
+def mini_mvtec_ad_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mvtec_ad")
+    make_mvtec_ad(root, "bottle", defects=(("broken_large", 2), ("contamination", 1)))
+    make_mvtec_ad(root, "grid", defects=(("bent", 2), ("glue", 1)), size=(32, 32),
+                  grayscale=True, seed=1)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def mini_loco_root(tmp_path_factory):
+    return make_loco(tmp_path_factory.mktemp("loco"))
