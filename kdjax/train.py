@@ -306,7 +306,7 @@ def _import_reference(config, variables):
 
 
 def train_category(config, method, cat: CategoryData, ckpt_dir: str, mesh: Mesh,
-                   train: bool = True):
+                   train: bool = True, metrics_path: Optional[str] = None):
     """Train (or resume, or just restore) one category; returns (ts, frozen)."""
     ts, frozen, tx, steps = init_train_state(config, method, cat, mesh)
     mngr = _checkpoint_manager(ckpt_dir, config.train.keep_checkpoints)
@@ -334,7 +334,6 @@ def train_category(config, method, cat: CategoryData, ckpt_dir: str, mesh: Mesh,
              config.train.compute_dtype)
     step, last_log, t_log, t0 = start, start, time.time(), time.time()
     next_ckpt = (start // ckpt_every + 1) * ckpt_every
-    metrics_path = os.path.join(os.path.dirname(ckpt_dir.rstrip("/")), "train_metrics.jsonl")
     while step < steps:
         n = min(per_call, steps - step)
         if n not in fns:
@@ -357,7 +356,7 @@ def train_category(config, method, cat: CategoryData, ckpt_dir: str, mesh: Mesh,
             means = {k: float(np.mean(np.asarray(v))) for k, v in jax.device_get(metrics).items()}
             log.info("[%s] step %d/%d loss %.5f  %.1f img/s  ETA %s", cat.category, step, steps,
                      means["loss"], ips, _fmt_time(eta))
-            if jax.process_index() == 0:
+            if metrics_path and jax.process_index() == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps({"category": cat.category, "step": step,
                                         "images_per_s": ips, **means}) + "\n")
@@ -458,6 +457,9 @@ def evaluate_category(config, method, ts, frozen, cat: CategoryData, workdir: st
                              "normalize its maps, and none were found.")
         val_comps = predict_components(method, ts, frozen, cat.val, mesh, batch, fn)
         norm = map_normalization(val_comps, tuple(config.eval.quantiles))
+        if jax.process_index() == 0:  # kdjax.predict.Predictor reads it
+            with open(normalization_path(workdir, config, cat.category), "w") as f:
+                json.dump(norm, f)
 
     original = config.eval.resolution == "original"
     if original:
@@ -493,6 +495,12 @@ def evaluate_category(config, method, ts, frozen, cat: CategoryData, workdir: st
                 evaluate.export_tiff(os.path.join(workdir, "anomaly_maps"), cat.category,
                                      records, eval_maps)
     return results
+
+
+def normalization_path(workdir: str, config, category: str) -> str:
+    d = os.path.join(workdir, "normalization")
+    os.makedirs(d, exist_ok=True)
+    return os.path.join(d, f"{category}.json")
 
 
 def _stack_if_same(maps: list):
@@ -561,7 +569,8 @@ def run_config(config, workdir: str, mode: str, ckpt_root: str) -> Dict[str, Any
         cat = load_category(cat_config, root, cat_name, needs_validation(method))
         ckpt_dir = os.path.join(ckpt_root, cat_name)
         ts, frozen = train_category(cat_config, method, cat, ckpt_dir, mesh,
-                                    train=mode in ("train", "train_and_eval"))
+                                    train=mode in ("train", "train_and_eval"),
+                                    metrics_path=os.path.join(workdir, "train_metrics.jsonl"))
         if mode in ("eval", "train_and_eval"):
             res = evaluate_category(cat_config, method, ts, frozen, cat, workdir, mesh,
                                     _weight_variants(config, method))

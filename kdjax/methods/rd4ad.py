@@ -54,7 +54,7 @@ class RD4AD(Method):
         t = self.config.teacher
         source = str(t.weights)
         try:
-            module, variables = weights.load_teacher(
+            module, variables, desc = weights.load_teacher_described(
                 t.arch, source, width_divisor=int(t.width_divisor), dtype=self.dtype)
         except Exception as e:  # offline without a cached port, for instance
             if not (source == "auto" and t.get("fallback_random", False)):
@@ -63,12 +63,10 @@ class RD4AD(Method):
                 "*** ImageNet weights for %s are not available (%s). Using a RANDOM teacher: "
                 "results will not mean much. Get the real weights with:  python "
                 "tools/port_weights.py --arch %s --src auto ***", t.arch, e, t.arch)
-            source = "random"
-            module, variables = weights.load_teacher(
-                t.arch, source, width_divisor=int(t.width_divisor), dtype=self.dtype)
+            module, variables, desc = weights.load_teacher_described(
+                t.arch, "random", width_divisor=int(t.width_divisor), dtype=self.dtype)
         self.teacher = module
-        self._teacher_desc = (weights.describe_source(t.arch, source)
-                              if hasattr(weights, "describe_source") else f"{t.arch} ({source})")
+        self._teacher_desc = desc
         return variables
 
     def build_student(self):
@@ -99,10 +97,12 @@ class RD4AD(Method):
     def init(self, rng, image_shape):
         teacher_vars = self.build_teacher()
         self.student = self.build_student()
-        dummy = jnp.zeros((1,) + tuple(image_shape[1:]), self.dtype)
-        feats = self.teacher.apply(teacher_vars, dummy)
-        feats = {k: feats[k] for k in TAPS}
-        svars = self.student.init({"params": rng}, feats, train=False)
+        # Shapes only (no compute), then a jitted init: op-by-op Flax init of a
+        # WRN-sized decoder costs tens of seconds of dispatch on a CPU.
+        dummy = jax.ShapeDtypeStruct((1,) + tuple(image_shape[1:]), self.dtype)
+        shapes = jax.eval_shape(self.teacher.apply, teacher_vars, dummy)
+        feats = {k: jnp.zeros(shapes[k].shape, shapes[k].dtype) for k in TAPS}
+        svars = jax.jit(lambda r, f: self.student.init({"params": r}, f, train=False))(rng, feats)
         return {"params": svars["params"], "state": {"batch_stats": svars["batch_stats"]},
                 "frozen": {"teacher": teacher_vars}}
 
