@@ -227,7 +227,7 @@ def make_train_fn(method, tx, mesh: Mesh, batch: int, n_steps: int):
         updates, opt_state = tx.update(grads, ts["opt_state"], ts["params"])
         params = optax.apply_updates(ts["params"], updates)
         new_ts = {"step": step + 1, "params": params, "state": new_state, "opt_state": opt_state}
-        return (new_ts, data, frozen, key), {"loss": loss, **metrics}
+        return (new_ts, data, frozen, key), {**metrics, "loss": loss}
 
     def run(ts, data, frozen, key):
         (ts, _, _, _), metrics = jax.lax.scan(one_step, (ts, data, frozen, key), None,
@@ -365,7 +365,8 @@ def train_category(config, method, cat: CategoryData, ckpt_dir: str, mesh: Mesh,
             _save(mngr, ts)
             next_ckpt = (step // ckpt_every + 1) * ckpt_every
         if interrupt_after and step >= interrupt_after and step < steps:
-            _save(mngr, ts)
+            if mngr.latest_step() != step:
+                _save(mngr, ts)
             mngr.close()
             raise KeyboardInterrupt(f"simulated interruption after step {step}")
     mngr.close()
@@ -623,7 +624,7 @@ def _write_report(config, workdir, method, collected):
     if "random" in str(config.teacher.weights):
         extra["warning"] = ("The teacher has RANDOM weights: these numbers do not measure the "
                             "method. Get the ImageNet weights with: python tools/port_weights.py "
-                            "--arch " + str(config.teacher.arch))
+                            "--arch " + str(config.teacher.arch) + " --src auto")
     targets = config.targets.to_dict() if config.targets else None
     if config.get("targets_source", ""):
         extra["targets_source"] = config.targets_source

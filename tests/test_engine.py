@@ -174,9 +174,13 @@ def _final_params(workdir):
     ckpt_root = os.path.join(str(workdir), "checkpoints")
     cat = sorted(os.listdir(ckpt_root))[0]
     mngr = ocp.CheckpointManager(os.path.join(ckpt_root, cat))
-    restored = mngr.restore(mngr.latest_step())
+    step = mngr.latest_step()
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # saved on any topology
+    abstract = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), mngr.item_metadata(step))
+    restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
     mngr.close()
-    return restored["params"], mngr.latest_step()
+    return restored["params"], step
 
 
 def test_rd4ad_end_to_end_writes_report(data_root, tmp_path):
@@ -258,6 +262,7 @@ def test_locked_workdir_is_refused(tmp_path, data_root):
             _run(c, tmp_path, "train")
     finally:
         p.kill()
+        p.wait()
     # a stale lock (dead pid) is taken over
     c = tiny_config("rd4ad", **{"data.root": data_root, "train.steps": 2})
     _run(c, tmp_path, "train")

@@ -15,9 +15,11 @@ from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kdjax import losses, ops
 from kdjax.methods.base import Method
+from kdjax.models.torch_init import torch_style_init
 
 TAPS = ("layer1", "layer2", "layer3")
 
@@ -30,6 +32,12 @@ def rd_anomaly_map(teacher: Dict[str, jax.Array], student: Dict[str, jax.Array],
         d = losses.cosine_distance_map(teacher[k], student[k])
         total = total + ops.resize_bilinear(d, size, align_corners=True)
     return ops.gaussian_blur(total, sigma)
+
+
+def _seed_of(rng) -> int:
+    """A host integer seed derived from a JAX key."""
+    data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    return int(np.asarray(data).astype(np.uint64).sum() % (2**32))
 
 
 def compute_dtype(config):
@@ -97,12 +105,12 @@ class RD4AD(Method):
     def init(self, rng, image_shape):
         teacher_vars = self.build_teacher()
         self.student = self.build_student()
-        # Shapes only (no compute), then a jitted init: op-by-op Flax init of a
-        # WRN-sized decoder costs tens of seconds of dispatch on a CPU.
+        # Shapes only (no compute); the student is initialised on the host with the
+        # reference code's scheme (kaiming_normal fan_out convs, torch defaults else).
         dummy = jax.ShapeDtypeStruct((1,) + tuple(image_shape[1:]), self.dtype)
         shapes = jax.eval_shape(self.teacher.apply, teacher_vars, dummy)
-        feats = {k: jnp.zeros(shapes[k].shape, shapes[k].dtype) for k in TAPS}
-        svars = jax.jit(lambda r, f: self.student.init({"params": r}, f, train=False))(rng, feats)
+        feats = {k: jax.ShapeDtypeStruct(shapes[k].shape, shapes[k].dtype) for k in TAPS}
+        svars = torch_style_init(self.student, _seed_of(rng), feats, train=False)
         return {"params": svars["params"], "state": {"batch_stats": svars["batch_stats"]},
                 "frozen": {"teacher": teacher_vars}}
 
