@@ -87,6 +87,10 @@ def categories_of(config) -> list:
     cat = str(config.data.category).strip()
     ds = config.data.dataset
     known = {"mvtec_ad": MVTEC_AD_CATEGORIES, "mvtec_loco": MVTEC_LOCO_CATEGORIES}.get(ds)
+    if ds == "synthetic" and cat in ("all", ""):
+        from kdjax.data.synthetic import CATEGORY
+
+        return [CATEGORY]
     if cat == "all":
         if known is None:
             if not config.data.root or not os.path.isdir(config.data.root):

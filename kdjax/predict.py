@@ -60,7 +60,8 @@ class Predictor:
         with open(os.path.join(workdir, "config.json")) as f:
             config = ml_collections.ConfigDict(json.load(f))
         if category is None:
-            cats = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+            root = os.path.join(workdir, "checkpoints")
+            cats = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
             if len(cats) != 1:
                 raise ValueError(f"The workdir holds several categories {cats}: name one.")
             category = cats[0]

@@ -470,7 +470,9 @@ def evaluate_category(config, method, ts, frozen, cat: CategoryData, workdir: st
         regions = [data.load_regions(r, None if original else size) for r in records]
         masks = None
     else:
-        masks = data.load_masks(records, None if original else size)
+        # A folder dataset may come without masks: then image-level metrics only.
+        masks = data.load_masks(records, None if original else size) if data.has_masks(
+            records) else None
         regions = None
 
     results = {}
@@ -484,7 +486,7 @@ def evaluate_category(config, method, ts, frozen, cat: CategoryData, workdir: st
         results[vname] = metrics
         if jax.process_index() == 0 and vname == next(iter(weight_variants)):
             scores = maps.reshape(len(maps), -1).max(1)
-            fig_masks = data.load_masks(records, size)
+            fig_masks = data.load_masks(records, size) if data.has_masks(records) else None
             evaluate.save_figures(
                 os.path.join(workdir, "figures"), cat.category, images, maps,
                 np.array([r.label for r in records]), scores, masks=fig_masks,
@@ -558,8 +560,6 @@ def run_config(config, workdir: str, mode: str, ckpt_root: str) -> Dict[str, Any
     mesh = make_mesh()
     root = dataset_root(config, workdir)
     cats = config_lib.categories_of(config)
-    if config.data.dataset == "synthetic" and str(config.data.category) in ("all", ""):
-        cats = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     per_variant: Dict[str, Dict[str, Dict[str, float]]] = {}
     method = None
     for cat_name in cats:

@@ -173,7 +173,8 @@ def _final_params(workdir):
     import orbax.checkpoint as ocp
     ckpt_root = os.path.join(str(workdir), "checkpoints")
     cat = sorted(os.listdir(ckpt_root))[0]
-    mngr = ocp.CheckpointManager(os.path.join(ckpt_root, cat))
+    mngr = ocp.CheckpointManager(os.path.join(ckpt_root, cat),
+                                 item_handlers=ocp.StandardCheckpointHandler())
     step = mngr.latest_step()
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # saved on any topology
     abstract = jax.tree_util.tree_map(
