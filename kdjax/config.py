@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 16
     c.train.steps = 0  # 0: derive from epochs
     c.train.epochs = 200
+    c.train.optimizer = "adam"  # adam (the papers') | sgd (numerical checks)
     c.train.learning_rate = 0.005
     c.train.b1 = 0.5
     c.train.b2 = 0.999

@@ -276,7 +276,11 @@ _SUBPROCESS = textwrap.dedent("""
     import jax, numpy as np
     from test_engine import tiny_config
     from kdjax import train
-    c = tiny_config("rd4ad", **{{"data.root": {root!r}, "train.steps": 4}})
+    # 64 px: at 32 px the OCBE output is 1x1 and train-mode BatchNorm over 4 values is
+    # ill-conditioned (rounding differences of any kind grow by orders of magnitude).
+    c = tiny_config("rd4ad", **{{"data.root": {root!r}, "train.steps": 4, "train.log_every": 1,
+                                 "data.image_size": 64, "train.steps_per_call": 1,
+                                 "train.optimizer": "sgd", "train.learning_rate": 0.02}})
     {extra}
     train.train_and_evaluate(c, {workdir!r}, "train")
 """)
@@ -297,10 +301,31 @@ def test_four_host_devices_give_the_same_parameters_as_one(data_root, tmp_path):
         tests=tests, root=data_root, extra="assert jax.device_count() == 4",
         workdir=str(tmp_path / "four")), {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert four.returncode == 0, four.stderr[-3000:]
-    a, _ = _final_params(tmp_path / "one")
-    b, _ = _final_params(tmp_path / "four")
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-5)
+    _assert_same_training(tmp_path / "one", tmp_path / "four")
+
+
+def _assert_same_training(dir_a, dir_b):
+    """Same training on both sides.
+
+    The first step's loss must agree to float32 rounding: a real data-parallel bug
+    (per-device BatchNorm statistics, a wrong batch, a missing all-reduce) moves it by
+    far more. Later steps and the parameters are compared at a looser tolerance,
+    because a tiny random model is ill-conditioned: on ONE device, merely reversing the
+    order of the batch already changes its gradients by ~6% (measured), so any change
+    of reduction order grows that much per step. SGD, since Adam turns noise-level
+    gradients (e.g. of a bias cancelled by the next BatchNorm) into +-lr updates.
+    """
+    la = [json.loads(l)["loss"] for l in open(dir_a / "train_metrics.jsonl")]
+    lb = [json.loads(l)["loss"] for l in open(dir_b / "train_metrics.jsonl")]
+    assert len(la) == len(lb) == 4
+    np.testing.assert_allclose(la[0], lb[0], rtol=1e-5)
+    np.testing.assert_allclose(la, lb, rtol=2e-2)
+    a, _ = _final_params(dir_a)
+    b, _ = _final_params(dir_b)
+    # Globally (some leaves start at zero and only ever see noise-level gradients).
+    va = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(a)])
+    vb = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(b)])
+    assert np.linalg.norm(va - vb) <= 2e-2 * np.linalg.norm(va)  # measured: ~6e-3
 
 
 def test_two_processes_with_jax_distributed_train_like_one(data_root, tmp_path):
@@ -318,7 +343,7 @@ def test_two_processes_with_jax_distributed_train_like_one(data_root, tmp_path):
             from kdjax.distributed import initialize
             initialize(c)
             assert jax.process_count() == 2
-        """).replace("\n", "\n    ")
+        """)
         code = _SUBPROCESS.format(tests=tests, root=data_root, extra=extra,
                                   workdir=str(tmp_path / "multi"))
         env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -331,7 +356,4 @@ def test_two_processes_with_jax_distributed_train_like_one(data_root, tmp_path):
                                             workdir=str(tmp_path / "single")),
                          {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert single.returncode == 0, single.stderr[-3000:]
-    a, _ = _final_params(tmp_path / "multi")
-    b, _ = _final_params(tmp_path / "single")
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-5)
+    _assert_same_training(tmp_path / "multi", tmp_path / "single")

@@ -64,8 +64,11 @@ class Method:
         return variables["state"]
 
     def optimizer(self, total_steps: int) -> optax.GradientTransformation:
-        """The optax optimizer from config.train (default: Adam with config betas)."""
+        """The optax optimizer from config.train: Adam with the config's betas (the
+        papers'), or plain SGD (``train.optimizer="sgd"``, for numerical checks)."""
         t = self.config.train
+        if t.get("optimizer", "adam") == "sgd":
+            return optax.sgd(t.learning_rate)
         return optax.adam(t.learning_rate, b1=t.get("b1", 0.9), b2=t.get("b2", 0.999))
 
     # --- training ---------------------------------------------------------
