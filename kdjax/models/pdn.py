@@ -24,7 +24,7 @@ version with Dropout).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -75,24 +75,81 @@ def upsample_bilinear(x, size: Tuple[int, int]):
     return jnp.einsum("oh,nhwc,pw->nopc", mh, x, mw)
 
 
-def _conv(name_index: int, features: int, kernel: int, dtype, stride: int = 1,
-          padding: int = 0):
-    """``nn.Conv2d(in, features, kernel, stride, padding)`` with torch semantics.
+CONV_IMPLS = ("auto", "xla", "im2col")
 
-    Returns a function of the NHWC input that creates the Flax ``nn.Conv``
-    named ``conv{name_index}`` (parameters ``kernel`` HWIO and ``bias``,
-    float32; compute in ``dtype``), initialised like torch.
+
+def _resolve_impl(impl: str) -> str:
+    if impl == "auto":
+        return "im2col" if jax.default_backend() == "cpu" else "xla"
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl={impl!r}: use one of {', '.join(CONV_IMPLS)}.")
+    return impl
+
+
+def _lax_conv(x, w, stride: int, padding: int):
+    p = padding
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def im2col(x, kernel: int, stride: int):
+    """NHWC (already padded) -> (N, OH, OW, kernel*kernel*C) patches ordered
+    (kernel row, kernel column, channel), i.e. an HWIO kernel's row order."""
+    n, h, w, c = x.shape
+    oh = (h - kernel) // stride + 1
+    ow = (w - kernel) // stride + 1
+    if kernel == 1 and stride == 1:
+        return x
+    cols = [x[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+            for i in range(kernel) for j in range(kernel)]
+    return jnp.concatenate(cols, axis=-1)
+
+
+class Conv2d(nn.Module):
+    """``nn.Conv2d(in, features, kernel, stride, padding)`` with torch semantics, NHWC.
+
+    Parameters are Flax's ``kernel`` (HWIO) and ``bias``, float32, initialised
+    like torch; compute in ``dtype``. ``impl``: "xla" (lax.conv) or "im2col"
+    (patches @ kernel, one matmul): the same function, but on XLA:CPU the
+    weight gradient of lax.conv is very slow (up to 300x its forward for the
+    autoencoder's padded 4x4 convolutions), while im2col's backward is two
+    matmuls. "auto" picks im2col on the CPU and xla elsewhere.
     """
 
-    def apply(x):
-        fan_in = kernel * kernel * x.shape[-1]
-        p = padding
-        return nn.Conv(
-            features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
-            dtype=dtype, param_dtype=jnp.float32, kernel_init=_torch_kernel_init,
-            bias_init=_torch_bias_init(fan_in), name=f"conv{name_index}")(x)
+    features: int
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    dtype: Any = jnp.float32
+    impl: str = "auto"
 
-    return apply
+    @nn.compact
+    def __call__(self, x, out_slice: Optional[Tuple[int, int]] = None):
+        """``out_slice=(start, stop)`` computes only those output channels."""
+        cin = x.shape[-1]
+        k, p = self.kernel, self.padding
+        fan_in = k * k * cin
+        w = self.param("kernel", _torch_kernel_init, (k, k, cin, self.features), jnp.float32)
+        b = self.param("bias", _torch_bias_init(fan_in), (self.features,), jnp.float32)
+        if out_slice is not None:
+            w, b = w[..., out_slice[0]:out_slice[1]], b[out_slice[0]:out_slice[1]]
+        features = w.shape[-1]
+        x = x.astype(self.dtype)
+        w = w.astype(self.dtype)
+        impl = _resolve_impl(self.impl)
+        if impl == "xla":
+            y = _lax_conv(x, w, self.stride, p)
+        else:
+            if p:
+                x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+            y = jnp.dot(im2col(x, k, self.stride), w.reshape(k * k * cin, features))
+        return y + b.astype(self.dtype)
+
+
+def _conv(name_index: int, features: int, kernel: int, dtype, stride: int = 1,
+          padding: int = 0, impl: str = "auto"):
+    """The torch-semantics convolution named ``conv{name_index}``."""
+    return Conv2d(features, kernel, stride, padding, dtype, impl, name=f"conv{name_index}")
 
 
 class PDN(nn.Module):
@@ -110,33 +167,52 @@ class PDN(nn.Module):
     padding: bool = False
     dtype: Any = jnp.float32
     width_divisor: int = 1
+    conv_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, groups: Optional[Sequence[Tuple[int, int, int]]] = None):
+        """NHWC images -> NHWC features (all ``out_channels``).
+
+        ``groups``: optional ``((count, start, stop), ...)``: the batch is split
+        into consecutive chunks of ``count`` images and the LAST convolution
+        computes only output channels ``[start, stop)`` for its chunk; returns
+        the list of chunk outputs. Identical values, less work when a caller
+        uses different channel halves of different images (EfficientAD's
+        student: local half of the image, global half of the augmented one).
+        """
         if self.size not in PDN_CONV_INDICES:
             raise ValueError(f"PDN size {self.size!r}: use 'S' (EfficientAD-S) or 'M' (EfficientAD-M).")
         p = 1 if self.padding else 0
         d = int(self.width_divisor)
+        impl = self.conv_impl
         x = x.astype(self.dtype)
         if self.size == "S":
             c1, c2 = 128 // d, 256 // d
-            x = nn.relu(_conv(0, c1, 4, self.dtype, padding=3 * p)(x))
+            x = nn.relu(_conv(0, c1, 4, self.dtype, padding=3 * p, impl=impl)(x))
             x = avg_pool_torch(x, p)
-            x = nn.relu(_conv(3, c2, 4, self.dtype, padding=3 * p)(x))
+            x = nn.relu(_conv(3, c2, 4, self.dtype, padding=3 * p, impl=impl)(x))
             x = avg_pool_torch(x, p)
-            x = nn.relu(_conv(6, c2, 3, self.dtype, padding=p)(x))
-            x = _conv(8, self.out_channels, 4, self.dtype)(x)
+            x = nn.relu(_conv(6, c2, 3, self.dtype, padding=p, impl=impl)(x))
+            head = _conv(8, self.out_channels, 4, self.dtype, impl=impl)
         else:
             c1, c2 = 256 // d, 512 // d
-            x = nn.relu(_conv(0, c1, 4, self.dtype, padding=3 * p)(x))
+            x = nn.relu(_conv(0, c1, 4, self.dtype, padding=3 * p, impl=impl)(x))
             x = avg_pool_torch(x, p)
-            x = nn.relu(_conv(3, c2, 4, self.dtype, padding=3 * p)(x))
+            x = nn.relu(_conv(3, c2, 4, self.dtype, padding=3 * p, impl=impl)(x))
             x = avg_pool_torch(x, p)
-            x = nn.relu(_conv(6, c2, 1, self.dtype)(x))
-            x = nn.relu(_conv(8, c2, 3, self.dtype, padding=p)(x))
-            x = nn.relu(_conv(10, self.out_channels, 4, self.dtype)(x))
-            x = _conv(12, self.out_channels, 1, self.dtype)(x)
-        return x
+            x = nn.relu(_conv(6, c2, 1, self.dtype, impl=impl)(x))
+            x = nn.relu(_conv(8, c2, 3, self.dtype, padding=p, impl=impl)(x))
+            x = nn.relu(_conv(10, self.out_channels, 4, self.dtype, impl=impl)(x))
+            head = _conv(12, self.out_channels, 1, self.dtype, impl=impl)
+        if groups is None:
+            return head(x)
+        if sum(g[0] for g in groups) != x.shape[0]:
+            raise ValueError(f"PDN groups {groups} do not add up to the batch {x.shape[0]}.")
+        outs, i = [], 0
+        for count, start, stop in groups:
+            outs.append(head(x[i:i + count], out_slice=(start, stop)))
+            i += count
+        return outs
 
 
 def pdn_output_size(image_size: int, size: str = "S", padding: bool = False) -> int:
@@ -172,6 +248,7 @@ class Autoencoder(nn.Module):
     width_divisor: int = 1
     dropout_rate: float = 0.2
     decoder_sizes: Sequence[int] = AE_DECODER_SIZES
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -180,16 +257,18 @@ class Autoencoder(nn.Module):
         x = x.astype(self.dtype)
         idx = iter(AE_CONV_INDICES)
         for ch in (c32, c32, c64, c64, c64):
-            x = nn.relu(_conv(next(idx), ch, 4, self.dtype, stride=2, padding=1)(x))
+            x = nn.relu(_conv(next(idx), ch, 4, self.dtype, stride=2, padding=1,
+                              impl=self.conv_impl)(x))
         code_kernel = x.shape[1]
         if x.shape[1] != x.shape[2] or code_kernel < 1:
             raise ValueError(f"Autoencoder needs square inputs that are multiples of 32; got {x.shape}.")
-        x = _conv(next(idx), c64, code_kernel, self.dtype)(x)
+        x = _conv(next(idx), c64, code_kernel, self.dtype, impl=self.conv_impl)(x)
         for s in self.decoder_sizes:
             x = upsample_bilinear(x, (s, s))
-            x = nn.relu(_conv(next(idx), c64, 4, self.dtype, padding=2)(x))
+            x = nn.relu(_conv(next(idx), c64, 4, self.dtype, padding=2, impl=self.conv_impl)(x))
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = upsample_bilinear(x, (self.output_size, self.output_size))
-        x = nn.relu(_conv(next(idx), c64, 3, self.dtype, padding=1)(x))
-        x = _conv(next(idx), self.out_channels, 3, self.dtype, padding=1)(x)
+        x = nn.relu(_conv(next(idx), c64, 3, self.dtype, padding=1, impl=self.conv_impl)(x))
+        x = _conv(next(idx), self.out_channels, 3, self.dtype, padding=1,
+                  impl=self.conv_impl)(x)
         return x
