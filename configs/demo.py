@@ -1,4 +1,4 @@
-"""Demo: train and evaluate on kdjax's synthetic logical-anomaly dataset in minutes on a CPU.
+"""Demo: train and evaluate CAD on kdjax's synthetic logical-anomaly dataset in minutes on a CPU.
 
     python -m kdjax.main --config=configs/demo.py --workdir=runs/demo
 
@@ -14,7 +14,7 @@ from kdjax.config import base_config
 
 def get_config():
     c = base_config()
-    c.method = "rd4ad"
+    c.method = "cad"
     c.seed = 0
     c.data.dataset = "synthetic"
     c.data.root = ""  # -> <workdir>/synthetic_data

@@ -121,8 +121,12 @@ def _pid_alive(pid: int) -> bool:
 def setup_logging(workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     log.setLevel(logging.INFO)
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-               for h in log.handlers):
+    # Console output: through the root logger when the application configured one
+    # (absl does), else a handler of our own. The logger always propagates, so the
+    # application's (and pytest's) handlers see every message.
+    if not logging.getLogger().handlers and not any(
+            isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+            for h in log.handlers):
         h = logging.StreamHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(h)
@@ -134,7 +138,6 @@ def setup_logging(workdir: str) -> None:
     fh = logging.FileHandler(path)
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(fh)
-    log.propagate = False
 
 
 # ---------------------------------------------------------------------------
