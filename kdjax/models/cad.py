@@ -35,9 +35,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
 
 from kdjax.models.resnet import batch_norm, conv
+from kdjax.models import torch_init
 from kdjax.models.rd import deconv2x2
 
 Dtype = Any
@@ -209,44 +209,32 @@ def host_init(module: nn.Module, seed: int, *args, **kwargs) -> Dict[str, Any]:
     biases 0; BatchNorm/LayerNorm scale 1, bias 0, running mean 0, var 1;
     position embeddings N(0, 0.02^2).
     """
-    kinds: Dict[tuple, type] = {}
+    return torch_init.host_init(module, seed, _global_branch_leaf, *args, **kwargs)
 
-    def record(next_fun, a, k, context):
-        kinds[tuple(context.module.path)] = type(context.module)
-        return next_fun(*a, **k)
 
-    with nn.intercept_methods(record):
-        shapes = jax.eval_shape(lambda *a: module.init(jax.random.PRNGKey(0), *a, **kwargs), *args)
-    rng = np.random.default_rng(seed)
-    out = {}
-    for collection, tree in shapes.items():
-        vals = {}
-        for path, leaf in flatten_dict(tree).items():
-            cls, name, shape = kinds.get(tuple(path[:-1])), path[-1], leaf.shape
-            if name in ("mean", "bias"):
-                v = np.zeros(shape)
-            elif name in ("var", "scale"):
-                v = np.ones(shape)
-            elif name == "pos_embed":
-                v = rng.normal(0.0, 0.02, shape)
-            elif name == "kernel" and cls is not None and issubclass(cls, nn.Conv):
-                v = rng.normal(0.0, np.sqrt(2.0 / (shape[-1] * int(np.prod(shape[:-2])))), shape)
-            elif name == "kernel":
-                # ConvTranspose (kh, kw, out, in) with transpose_kernel: fan_in = in * kh * kw
-                # (Flax's lecun_normal convention); Dense (in, out); attention q/k/v
-                # (d, heads, head_dim) and output (heads, head_dim, d).
-                if cls is not None and issubclass(cls, nn.ConvTranspose):
-                    fan_in = int(np.prod(shape[:-2])) * shape[-1]
-                elif path[-2] == "out":
-                    fan_in = int(np.prod(shape[:-1]))
-                else:
-                    fan_in = shape[0]
-                v = rng.normal(0.0, np.sqrt(1.0 / fan_in), shape)
-            else:
-                raise ValueError(f"host_init: no rule for {'/'.join(path)} of {cls}.")
-            vals[path] = np.asarray(v, dtype=leaf.dtype)
-        out[collection] = unflatten_dict(vals)
-    return out
+def _global_branch_leaf(rng, cls, path, shape, flat):
+    """The initialisation scheme of ``host_init`` for one leaf."""
+    name = path[-1]
+    if name in ("mean", "bias"):
+        return np.zeros(shape)
+    if name in ("var", "scale"):
+        return np.ones(shape)
+    if name == "pos_embed":
+        return rng.normal(0.0, 0.02, shape)
+    if name == "kernel" and cls is not None and issubclass(cls, nn.Conv):
+        return rng.normal(0.0, np.sqrt(2.0 / (shape[-1] * int(np.prod(shape[:-2])))), shape)
+    if name == "kernel":
+        # ConvTranspose (kh, kw, out, in) with transpose_kernel: fan_in = in * kh * kw
+        # (Flax's lecun_normal convention); Dense (in, out); attention q/k/v
+        # (d, heads, head_dim) and output (heads, head_dim, d).
+        if cls is not None and issubclass(cls, nn.ConvTranspose):
+            fan_in = int(np.prod(shape[:-2])) * shape[-1]
+        elif path[-2] == "out":
+            fan_in = int(np.prod(shape[:-1]))
+        else:
+            fan_in = shape[0]
+        return rng.normal(0.0, np.sqrt(1.0 / fan_in), shape)
+    raise ValueError(f"host_init: no rule for {'/'.join(path)} of {cls}.")
 
 
 __all__ = ["host_init", "GCCB", "GlobalStudent", "GlobalBranch", "TransformerBlock", "avg_pool_to_grid"]

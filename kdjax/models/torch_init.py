@@ -18,7 +18,7 @@ Schemes per leaf (torch's conventions for fan-in/fan-out):
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import flax.linen as nn
 import jax
@@ -26,9 +26,14 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 
-def torch_style_init(module: nn.Module, seed: int, *args, conv: str = "kaiming_fan_out",
-                     **kwargs) -> Dict[str, Any]:
-    """Variables of ``module.init(rng, *args, **kwargs)``, drawn on the host."""
+def host_init(module: nn.Module, seed: int, leaf_init: Callable, *args,
+              **kwargs) -> Dict[str, Any]:
+    """Variables of ``module.init(rng, *args, **kwargs)`` drawn with numpy on the host.
+
+    Shapes come from ``jax.eval_shape`` (``args`` may be ``jax.ShapeDtypeStruct``) and
+    each leaf from ``leaf_init(rng, module_class, path, shape, flat_collection)``, in
+    ``flatten_dict`` order, so a seed gives the same values every time.
+    """
     kinds: Dict[tuple, type] = {}
 
     def record(next_fun, a, k, context):
@@ -41,14 +46,23 @@ def torch_style_init(module: nn.Module, seed: int, *args, conv: str = "kaiming_f
     out = {}
     for collection, tree in shapes.items():
         flat = flatten_dict(tree)
-        vals = {}
-        for path, leaf in flat.items():
-            kernel = flat.get(tuple(path[:-1]) + ("kernel",))
-            vals[path] = _init_leaf(rng, kinds.get(tuple(path[:-1])), path[-1], leaf.shape,
-                                    conv, kernel.shape if kernel is not None else None
-                                    ).astype(leaf.dtype)
-        out[collection] = unflatten_dict(vals)
+        out[collection] = unflatten_dict({
+            path: np.asarray(leaf_init(rng, kinds.get(tuple(path[:-1])), path, leaf.shape, flat),
+                             dtype=leaf.dtype)
+            for path, leaf in flat.items()})
     return out
+
+
+def torch_style_init(module: nn.Module, seed: int, *args, conv: str = "kaiming_fan_out",
+                     **kwargs) -> Dict[str, Any]:
+    """Variables of ``module.init(rng, *args, **kwargs)`` with torch's schemes (above)."""
+
+    def leaf(rng, cls, path, shape, flat):
+        kernel = flat.get(tuple(path[:-1]) + ("kernel",))
+        return _init_leaf(rng, cls, path[-1], shape, conv,
+                          kernel.shape if kernel is not None else None)
+
+    return host_init(module, seed, leaf, *args, **kwargs)
 
 
 def _init_leaf(rng, cls, name: str, shape, conv: str, kernel_shape=None) -> np.ndarray:
