@@ -83,7 +83,7 @@ class Predictor:
                              f"file paths; got {images.dtype} {images.shape}.")
         comps = train.predict_components(self.method, self.ts, self.frozen, images, self.mesh,
                                          self.batch, self._fn)
-        maps = train.combine_maps(comps, self.weights, self.norm)
+        maps = train.final_maps(self.method, comps, self.weights, self.norm, size)
         return maps, maps.reshape(len(maps), -1).max(1)
 
 

@@ -439,6 +439,21 @@ def combine_maps(components: Dict[str, np.ndarray], weights: Dict[str, float],
     return total.astype(np.float32)
 
 
+def final_maps(method, components: Dict[str, np.ndarray], weights: Dict[str, float],
+               norm: Optional[Dict[str, tuple]], size: int) -> np.ndarray:
+    """The anomaly maps (N, size, size): components combined (:func:`combine_maps`)
+    at the resolution ``method.maps`` returns, then ``method.finish_maps``."""
+    from kdjax.methods.base import Method
+
+    maps = combine_maps(components, weights, norm)
+    if type(method).finish_maps is Method.finish_maps:
+        return maps
+    finish = jax.jit(method.finish_maps, static_argnums=1)
+    out = [np.asarray(jax.device_get(finish(jnp.asarray(maps[i:i + 64]), (size, size))))
+           for i in range(0, len(maps), 64)]
+    return np.concatenate(out, 0).astype(np.float32)
+
+
 def evaluate_category(config, method, ts, frozen, cat: CategoryData, workdir: str,
                       mesh: Mesh, weight_variants: Dict[str, Dict[str, float]]):
     """Maps of the test set -> metrics for each map-weight variant (host side)."""
@@ -480,7 +495,7 @@ def evaluate_category(config, method, ts, frozen, cat: CategoryData, workdir: st
 
     results = {}
     for vname, weights in weight_variants.items():
-        maps = combine_maps(comps, weights, norm)
+        maps = final_maps(method, comps, weights, norm, size)
         eval_maps = evaluate.to_original_resolution(maps, sizes) if original else maps
         if isinstance(eval_maps, list):
             eval_maps = _stack_if_same(eval_maps)

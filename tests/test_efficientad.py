@@ -288,12 +288,34 @@ def test_training_metrics_and_maps(baseline):
         assert h["margin"] == 0.0 and h["penalty"] == 0.0
     maps = jax.jit(method.maps)(params, state, v["frozen"], _images(2, 1))
     assert set(maps) == set(method.map_names) == {"local", "global"}
-    for m in maps.values():
-        assert m.shape == (2, 64, 64) and bool(jnp.all(jnp.isfinite(m)))
-    raw = method.raw_maps(params, state, v["frozen"], _images(2, 1))
-    assert raw["local"].shape == (2, 8, 8)
-    # padding by 4 zeros: the outermost rows come from the zero border only
-    np.testing.assert_allclose(maps["local"][:, 0, :], 0.0, atol=1e-7)
+    for m in maps.values():  # the PDN's resolution: the engine normalizes there
+        assert m.shape == (2, 8, 8) and bool(jnp.all(jnp.isfinite(m)))
+
+
+def test_engine_normalizes_raw_maps_then_pads_and_upsamples(baseline):
+    """The reference's order: quantiles of the raw (56x56 at 256 px) validation
+    maps, 0.5 / 0.5 combination, THEN zero padding by 4 and bilinear upsampling."""
+    from kdjax.train import final_maps, map_normalization
+
+    method, v, state, params, _ = baseline
+    fn = jax.jit(method.maps)
+    val = {k: np.asarray(x) for k, x in fn(params, state, v["frozen"], _images(3, 2)).items()}
+    test = {k: np.asarray(x) for k, x in fn(params, state, v["frozen"], _images(2, 1)).items()}
+    norm = map_normalization(val, (0.9, 0.995))
+    got = final_maps(method, test, {"local": 0.5, "global": 0.5}, norm, 64)
+    assert got.shape == (2, 64, 64)
+    combined = sum(0.5 * 0.1 * (test[k] - np.quantile(val[k], 0.9))
+                   / (np.quantile(val[k], 0.995) - np.quantile(val[k], 0.9)) for k in test)
+    padded = np.pad(combined, ((0, 0), (4, 4), (4, 4)))  # zeros after normalization
+    # torch F.interpolate(bilinear, align_corners=False), written out for 16 -> 64
+    src = np.clip((np.arange(64) + 0.5) * 16 / 64 - 0.5, 0, None)
+    i0 = np.floor(src).astype(int)
+    i1 = np.minimum(i0 + 1, 15)
+    f = src - i0
+    rows = padded[:, i0] * (1 - f)[None, :, None] + padded[:, i1] * f[None, :, None]
+    want = rows[:, :, i0] * (1 - f) + rows[:, :, i1] * f
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[:, 0, :], 0.0, atol=1e-7)  # outermost rows: the zero border
 
 
 def test_margin_weight_zero_is_efficientad_exactly(baseline):

@@ -194,7 +194,8 @@ def main(argv=None):
     for _ in range(n_batches):
         t = np.asarray(embed(ext_vars, jnp.asarray(src.batch(args.batch)[0])), np.float64)
         total = total + ((t - mean) ** 2).mean(axis=(0, 1, 2))
-    std = np.sqrt(total / n_batches)
+    # Floor: a constant target channel (a dead ReLU path) would divide 0 by 0.
+    std = np.maximum(np.sqrt(total / n_batches), 1e-8)
     mean_j, std_j = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
     pdn = PDN(args.size, 384, padding=True)

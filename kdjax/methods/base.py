@@ -13,8 +13,11 @@ Variables are split in three pytrees:
           any constant arrays a loss needs (e.g. penalty images).
 
 Images reach methods as float32 NHWC, ImageNet-normalized, at
-``config.data.image_size``. Maps leave methods as (N, H, W) float32 at the
-same size. Anything random inside ``loss`` (augmentation, masking) is drawn
+``config.data.image_size``. Map components leave ``maps`` as (N, h, w)
+float32, at the input size unless the method says otherwise: the engine
+normalizes and combines them at that resolution, then ``finish_maps`` brings
+the combined map to the input size (EfficientAD normalizes its 56x56 maps,
+then pads and upsamples, as its reference does). Anything random inside ``loss`` (augmentation, masking) is drawn
 from the ``rng`` argument with ``jax.random``, on the device.
 """
 
@@ -80,5 +83,12 @@ class Method:
     # --- inference --------------------------------------------------------
     def maps(self, params: Pytree, state: Pytree, frozen: Pytree,
              images: jax.Array) -> Dict[str, jax.Array]:
-        """Anomaly-map components {name: (N, H, W)} at the input resolution."""
+        """Anomaly-map components {name: (N, h, w)}; (h, w) is the input size
+        unless ``finish_maps`` says otherwise."""
         raise NotImplementedError
+
+    def finish_maps(self, maps: jax.Array, size: Tuple[int, int]) -> jax.Array:
+        """The combined (normalized, weighted) (N, h, w) map -> (N, *size).
+
+        Jittable. Default: the identity (``maps`` already returns the input size)."""
+        return maps

@@ -15,10 +15,12 @@ which this file follows step by step:
   their 0.999 quantile) [+ penalty on a natural image] + AE loss + student-AE
   loss [+ w * DFSC margin];
 * maps: local = channel mean (T - S[:384])^2, global = channel mean
-  (A - S[384:])^2, each zero-padded by 4 pixels and bilinearly upsampled to
-  the input size; the engine normalizes each with the 0.9 / 0.995 quantiles
-  of the validation maps and combines them 0.5 / 0.5, which is the
-  reference's ``0.5 * map_st + 0.5 * map_ae`` of normalized maps.
+  (A - S[384:])^2 at the PDN's resolution (56x56 at 256 px); the engine
+  normalizes each with the 0.9 / 0.995 quantiles of the validation maps at
+  that resolution and combines them 0.5 / 0.5 (the reference's
+  ``0.5 * map_st + 0.5 * map_ae`` of normalized maps); ``finish_maps`` then
+  zero-pads the combined map by 4 pixels and upsamples it bilinearly to the
+  input size, as the reference's test loop does.
 
 DFSC margin (kdjax's reconstruction, METHODS.md): on the positions where the
 autoencoder fails to reproduce the teacher, ``||T - A||^2`` above its
@@ -547,9 +549,13 @@ class EfficientAD(Method):
                 "global": jnp.mean((a - out[..., c:]) ** 2, axis=-1)}
 
     def maps(self, params, state, frozen, images):
-        """{"local", "global"}: raw maps zero-padded by ``map_padding`` and
-        upsampled (bilinear, align_corners=False) to the input size."""
-        size = images.shape[1:3]
-        pad = int(self.settings.map_padding)
-        return {k: pad_and_upsample(v, size, pad)
-                for k, v in self.raw_maps(params, state, frozen, images).items()}
+        """{"local", "global"} at the PDN's resolution: the engine normalizes
+        them with validation quantiles there (the reference's
+        ``map_normalization`` works on these maps), combines them, and then
+        :meth:`finish_maps` pads and upsamples."""
+        return self.raw_maps(params, state, frozen, images)
+
+    def finish_maps(self, maps, size):
+        """The reference's test-time ``F.pad(map_combined, (4, 4, 4, 4))`` (zeros,
+        AFTER normalization) and bilinear ``F.interpolate`` to the input size."""
+        return pad_and_upsample(maps, tuple(size), int(self.settings.map_padding))

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kdjax.models import fastconv
+
 Dtype = Any
 
 BN_EPS = 1e-5
@@ -35,11 +37,15 @@ BN_MOMENTUM = 0.9  # Flax convention; torch momentum 0.1
 
 def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None,
          dtype: Dtype = jnp.float32, name: str | None = None, use_bias: bool = False) -> nn.Conv:
-    """A torch-style Conv2d: explicit symmetric padding (default kernel // 2), no bias."""
+    """A torch-style Conv2d: explicit symmetric padding (default kernel // 2), no bias.
+
+    Its kernel gradient is computed by :mod:`kdjax.models.fastconv` (matmuls
+    instead of XLA:CPU's slow kernel-gradient convolution); values are the same."""
     p = kernel // 2 if padding is None else padding
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((p, p), (p, p)), use_bias=use_bias, dtype=dtype,
-                   param_dtype=jnp.float32, name=name)
+                   param_dtype=jnp.float32, name=name,
+                   conv_general_dilated=fastconv.conv_general_dilated)
 
 
 def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.BatchNorm:

@@ -1,0 +1,39 @@
+"""kdjax.models.fastconv: the same convolution and gradients as lax.conv_general_dilated."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from kdjax.models import fastconv
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("k,s,p,h", [(1, 1, 0, 9), (1, 2, 0, 8), (1, 2, 0, 9), (3, 1, 1, 8),
+                                     (3, 2, 1, 9), (3, 2, 1, 8), (4, 1, 0, 11), (4, 1, 3, 10),
+                                     (7, 2, 3, 13)])
+def test_values_and_gradients_match_lax(k, s, p, h):
+    rng = np.random.default_rng(k * 100 + s * 10 + h)
+    x = jnp.asarray(rng.normal(size=(2, h, h + 1, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, 3, 5)), jnp.float32)
+    pad = ((p, p), (p, p))
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w, (s, s), pad, dimension_numbers=DN)))
+
+    want = jax.value_and_grad(loss(lax.conv_general_dilated), (0, 1))(x, w)
+    got = jax.jit(jax.value_and_grad(loss(fastconv.conv_general_dilated), (0, 1)))(x, w)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, r in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(r))))
+
+
+def test_other_layouts_fall_back_to_lax():
+    x = jnp.ones((1, 3, 6, 6))
+    w = jnp.ones((4, 3, 3, 3))
+    dn = ("NCHW", "OIHW", "NCHW")
+    np.testing.assert_array_equal(
+        fastconv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn),
+        lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn))
