@@ -17,8 +17,9 @@ Images reach methods as float32 NHWC, ImageNet-normalized, at
 float32, at the input size unless the method says otherwise: the engine
 normalizes and combines them at that resolution, then ``finish_maps`` brings
 the combined map to the input size (EfficientAD normalizes its 56x56 maps,
-then pads and upsamples, as its reference does). Anything random inside ``loss`` (augmentation, masking) is drawn
-from the ``rng`` argument with ``jax.random``, on the device.
+then pads and upsamples, as its reference does). Anything random inside
+``loss`` (augmentation, masking) is drawn from the ``rng`` argument with
+``jax.random``, on the device.
 """
 
 from __future__ import annotations
