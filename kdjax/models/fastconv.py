@@ -7,13 +7,18 @@ and its matmuls run near the machine's peak. Measured on RD4AD's student at
 64 px, batch 8 (2-core CPU): the kernel gradients took ~80% of a 10 s step;
 one 3x3 stride-2 kernel gradient alone took 1.4 s for 0.6 GFLOP.
 
-:func:`conv_general_dilated` computes the same convolution (forward with
-``lax.conv_general_dilated``, input gradient with its VJP) and the kernel
-gradient as matmuls: tap (a, b) of the kernel meets a strided slice of the
-padded input, which is contracted with the output gradient over batch and
-space (:func:`kernel_grad`). It is used for NHWC / HWIO convolutions without dilation or
-groups on the CPU backend; everything else goes to ``lax.conv_general_dilated``
-unchanged (GPU and TPU kernel gradients are fast). Flax's ``nn.Conv`` takes it
+:func:`conv_general_dilated` computes the same convolution with
+``lax.conv_general_dilated`` and its gradients as:
+- kernel gradient: matmuls; tap (a, b) of the kernel meets a strided slice of
+  the padded input, contracted with the output gradient over batch and space
+  (:func:`kernel_grad`);
+- input gradient, stride 1: the forward convolution of the output gradient
+  with the flipped kernel (XLA:CPU's fast forward path);
+- input gradient, strided: one matmul spread back by interior padding
+  (:func:`input_grad_strided`).
+It is used for NHWC / HWIO convolutions without dilation or groups on the CPU
+backend; everything else goes to ``lax.conv_general_dilated`` unchanged (GPU
+and TPU convolution gradients are fast). Flax's ``nn.Conv`` takes it
 as ``conv_general_dilated=``, so parameters and their names do not change.
 """
 
@@ -75,13 +80,12 @@ def kernel_grad(lhs, g, kernel_hw: Tuple[int, int], strides, padding, precision=
 
     g_t = g.reshape(n * ho * wo, o).T
     dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
+    taps = [tap(a, b) for a in range(kh) for b in range(kw)]
     if (sh, sw) != (1, 1) and kh * kw > 1:
-        cols = jnp.concatenate([tap(a, b) for a in range(kh) for b in range(kw)], -1)
-        d = dot(g_t, cols).reshape(o, kh, kw, ci)
+        d = dot(g_t, jnp.concatenate(taps, -1))
     else:
-        d = jnp.stack([dot(g_t, tap(a, b)) for a in range(kh) for b in range(kw)], 1)
-        d = d.reshape(o, kh, kw, ci)
-    return d.transpose(1, 2, 3, 0)
+        d = jnp.stack([dot(g_t, t) for t in taps], 1)
+    return d.reshape(o, kh, kw, ci).transpose(1, 2, 3, 0)
 
 
 def input_grad_strided(g, rhs, lhs_shape, strides, padding, precision=None):
