@@ -59,6 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.log_every = 50
     c.train.compute_dtype = "float32"  # float32 | bfloat16
+    # Compute the frozen teacher's outputs on the clean training images once and keep
+    # them on the device beside the images (Method.teacher_cache): every step then skips
+    # that forward pass. Off above this many GiB per device (the teacher runs each step).
+    c.train.cache_teacher = True
+    c.train.cache_teacher_max_gb = 4.0
     c.train.interrupt_after = 0  # tests: simulate an interruption after this step
 
     c.eval = ml_collections.ConfigDict()

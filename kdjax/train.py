@@ -216,28 +216,75 @@ def batch_indices(key, step, n: int, batch: int):
 
 
 def make_train_fn(method, tx, mesh: Mesh, batch: int, n_steps: int):
-    """A jitted function running ``n_steps`` optimizer steps on the device."""
+    """A jitted function ``run(ts, data, frozen, key, cache=None) -> (ts, metrics)``
+    running ``n_steps`` optimizer steps on the device. ``cache``: the method's
+    :meth:`teacher_cache` of every resident training image (see
+    :func:`build_teacher_cache`); each step passes its batch's rows to the loss."""
     data_sharding = NamedSharding(mesh, batch_spec(mesh, batch))
 
     def one_step(carry, _):
-        ts, data, frozen, key = carry
+        ts, data, frozen, key, cache = carry
         step = ts["step"]
         k_data, k_loss = jax.random.split(jax.random.fold_in(key, step))
         idx = batch_indices(k_data, step, data.shape[0], batch)
         images = jax.lax.with_sharding_constraint(ops.normalize_images(data[idx]), data_sharding)
+        kwargs = {}
+        if cache is not None:
+            kwargs["cached"] = jax.tree_util.tree_map(
+                lambda a: jax.lax.with_sharding_constraint(a[idx], data_sharding), cache)
         (loss, (new_state, metrics)), grads = jax.value_and_grad(method.loss, has_aux=True)(
-            ts["params"], ts["state"], frozen, images, k_loss)
+            ts["params"], ts["state"], frozen, images, k_loss, **kwargs)
         updates, opt_state = tx.update(grads, ts["opt_state"], ts["params"])
         params = optax.apply_updates(ts["params"], updates)
         new_ts = {"step": step + 1, "params": params, "state": new_state, "opt_state": opt_state}
-        return (new_ts, data, frozen, key), {**metrics, "loss": loss}
+        return (new_ts, data, frozen, key, cache), {**metrics, "loss": loss}
 
-    def run(ts, data, frozen, key):
-        (ts, _, _, _), metrics = jax.lax.scan(one_step, (ts, data, frozen, key), None,
-                                              length=n_steps)
+    def run(ts, data, frozen, key, cache=None):
+        (ts, _, _, _, _), metrics = jax.lax.scan(one_step, (ts, data, frozen, key, cache), None,
+                                                 length=n_steps)
         return ts, metrics
 
     return jax.jit(run, donate_argnums=(0,))
+
+
+def build_teacher_cache(config, method, frozen, images: np.ndarray, mesh: Mesh):
+    """The method's :meth:`~kdjax.methods.base.Method.teacher_cache` of every
+    training image (uint8 host array), replicated on the mesh like the resident
+    images; None when the method has nothing to cache, ``train.cache_teacher``
+    is off, or the cache would exceed ``train.cache_teacher_max_gb`` per device.
+
+    Every step of RD4AD / MRKD / CAD / EfficientAD then skips the frozen
+    teacher's forward pass on the clean images (for RD4AD and CAD that is the
+    whole teacher); the values are the same up to float summation order."""
+    if not bool(config.train.get("cache_teacher", True)):
+        return None
+    n = len(images)
+    size = tuple(images.shape[1:])
+    one = jax.eval_shape(method.teacher_cache, frozen,
+                         jax.ShapeDtypeStruct((1,) + size[:2] + (3,), jnp.float32))
+    leaves = jax.tree_util.tree_leaves(one)
+    if not leaves:
+        return None
+    gb = n * sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in leaves) / 2**30
+    limit = float(config.train.get("cache_teacher_max_gb", 4.0))
+    if gb > limit:
+        log.info("Teacher cache not used: %.2f GiB for %d images exceeds "
+                 "train.cache_teacher_max_gb=%.1f; the teacher runs in every step.", gb, n, limit)
+        return None
+    batch = int(config.eval.batch_size)
+    fn = jax.jit(lambda f, x: method.teacher_cache(f, ops.normalize_images(x)))
+    parts = []
+    for i in range(0, n, batch):
+        chunk = images[i:i + batch]
+        k = len(chunk)
+        if k < batch:  # one compiled shape
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - k, 0)], 0)
+        out = jax.device_get(fn(frozen, jnp.asarray(chunk)))
+        parts.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:k], out))
+    host = jax.tree_util.tree_map(lambda *a: np.concatenate(a, 0), *parts)
+    log.info("Teacher cache: %.2f GiB for %d training images (train.cache_teacher).", gb, n)
+    repl = NamedSharding(mesh, P())
+    return jax.tree_util.tree_map(lambda a: put_global(a, repl), host)
 
 
 def _checkpoint_manager(ckpt_dir: str, keep: int):
@@ -330,6 +377,7 @@ def train_category(config, method, cat: CategoryData, ckpt_dir: str, mesh: Mesh,
     ckpt_every = max(1, int(config.train.checkpoint_every))
     interrupt_after = int(config.train.get("interrupt_after", 0))
     data = put_global(cat.train, NamedSharding(mesh, P()))
+    cache = build_teacher_cache(config, method, frozen, cat.train, mesh)
     key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 1)
     fns: Dict[int, Any] = {}
     log.info("[%s] training %s: %d steps, batch %d, %d images, %d device(s), %s",
@@ -341,7 +389,7 @@ def train_category(config, method, cat: CategoryData, ckpt_dir: str, mesh: Mesh,
         n = min(per_call, steps - step)
         if n not in fns:
             fns[n] = make_train_fn(method, tx, mesh, batch, n)
-        ts, metrics = fns[n](ts, data, frozen, key)
+        ts, metrics = fns[n](ts, data, frozen, key, cache)
         losses = np.asarray(jax.device_get(metrics["loss"]))
         if not np.all(np.isfinite(losses)):
             bad = step + int(np.argmax(~np.isfinite(losses))) + 1

@@ -84,6 +84,19 @@ def test_dfsc_margin_loss_matches_numpy():
         jnp.asarray(t), jnp.asarray(a), jnp.asarray(s))
     assert float(jnp.abs(g[0]).max()) == 0 and float(jnp.abs(g[1]).max()) == 0
     assert float(jnp.abs(g[2]).max()) > 0
+    # relative gap: m * d_ta at each distinctive position; and the active fraction
+    m_rel = 0.03  # some hinges active, some not (d_st ~0.1, d_ta ~3 here)
+    hinge_rel = np.maximum(m_rel * d_ta - ((s - t) ** 2).mean(-1), 0)
+    assert 0 < (hinge_rel[sel] > 0).sum() < sel.sum()
+    got, active = ead.dfsc_margin_loss(jnp.asarray(t), jnp.asarray(a), jnp.asarray(s), m_rel, q,
+                                       "relative", with_active=True)
+    np.testing.assert_allclose(float(got), hinge_rel[sel].mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(active), (hinge_rel[sel] > 0).mean(), rtol=1e-6)
+    g = jax.grad(lambda t_, a_, s_: ead.dfsc_margin_loss(t_, a_, s_, m_rel, q, "relative"),
+                 argnums=(0, 1, 2))(jnp.asarray(t), jnp.asarray(a), jnp.asarray(s))
+    assert float(jnp.abs(g[0]).max()) == 0 and float(jnp.abs(g[1]).max()) == 0
+    with pytest.raises(ValueError, match="relative"):
+        ead.dfsc_margin_loss(jnp.asarray(t), jnp.asarray(a), jnp.asarray(s), m, q, "percent")
 
 
 def _np_blend(x, f, other):
@@ -281,7 +294,8 @@ def test_prepare_teacher_statistics(baseline):
 
 def test_training_metrics_and_maps(baseline):
     method, v, state, params, history = baseline
-    assert set(history[0]) == {"loss", "hard", "ae", "stae", "penalty", "margin"}
+    assert set(history[0]) == {"loss", "hard", "ae", "stae", "penalty", "margin",
+                               "margin_active"}
     for h in history:
         assert np.isfinite(h["loss"])
         np.testing.assert_allclose(h["loss"], h["hard"] + h["ae"] + h["stae"], rtol=1e-5)
@@ -316,6 +330,22 @@ def test_engine_normalizes_raw_maps_then_pads_and_upsamples(baseline):
     want = rows[:, :, i0] * (1 - f) + rows[:, :, i1] * f
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[:, 0, :], 0.0, atol=1e-7)  # outermost rows: the zero border
+
+
+def test_teacher_cache_gives_the_same_loss_and_gradients(baseline):
+    """train.cache_teacher: the cached raw teacher output of the clean image,
+    normalized in the loss, replaces that teacher pass exactly."""
+    method, v, state, params, _ = baseline
+    x, key = _images(1, 3), jax.random.PRNGKey(4)
+    cached = jax.jit(method.teacher_cache)(v["frozen"], x)
+    assert cached.shape == (1, 8, 8, method.channels)
+    vg = jax.jit(jax.value_and_grad(method.loss, has_aux=True))
+    (l0, (_, m0)), g0 = vg(params, state, v["frozen"], x, key)
+    (l1, (_, m1)), g1 = vg(params, state, v["frozen"], x, key, cached)
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+    np.testing.assert_allclose(m1["hard"], m0["hard"], rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_margin_weight_zero_is_efficientad_exactly(baseline):

@@ -230,6 +230,60 @@ def test_interrupt_and_resume_equals_uninterrupted(data_root, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.parametrize("method_name", ["rd4ad", "mrkd", "cad"])
+def test_teacher_cache_feeds_the_loss_what_the_teacher_computes(method_name):
+    """train.cache_teacher: the teacher's taps of the clean training images are
+    computed once, and each step's loss receives its batch's rows.
+
+    (1) the cache holds the teacher's taps; (2) given the same taps, the loss
+    and its gradients are those of the uncached loss; (3) over several steps
+    the cached and uncached runs see the same rows (learning rate 0, so the
+    per-step losses isolate the data: at these tiny shapes, train-mode
+    BatchNorm over a few values turns 1e-6 input differences into gradient
+    differences of several percent, so training trajectories are not compared)."""
+    from kdjax.methods import get_method
+
+    c = tiny_config(method_name, **{"train.optimizer": "sgd", "train.learning_rate": 0.0})
+    method = get_method(c)
+    mesh = train.make_mesh()
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    cat = train.CategoryData("x", "", images, images[:2], [], [])
+    ts, frozen, tx, _ = train.init_train_state(c, method, cat, mesh)
+    cache = train.build_teacher_cache(c, method, frozen, images, mesh)
+    x = ops.normalize_images(jnp.asarray(images))
+    want = jax.tree_util.tree_map(np.asarray, method.teacher_features(frozen, x))
+    got = jax.tree_util.tree_map(np.asarray, cache)
+    assert sorted(got) == ["layer1", "layer2", "layer3"]
+    for k in got:  # computed in batches of 8 here, of 6 there
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-4)
+
+    @jax.jit
+    def both(params, state, x, key):
+        vg = jax.value_and_grad(method.loss, has_aux=True)
+        plain = vg(params, state, frozen, x, key)
+        return plain, vg(params, state, frozen, x, key, method.teacher_cache(frozen, x))
+
+    ((l0, _), g0), ((l1, _), g1) = both(ts["params"], ts["state"], x[:4], jax.random.PRNGKey(1))
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+    data = train.put_global(images, train.NamedSharding(mesh, train.P()))
+    if method_name != "rd4ad":  # the engine's part is the same for every method
+        return
+    fn = train.make_train_fn(method, tx, mesh, 4, 3)
+    key = jax.random.PRNGKey(3)
+    copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)  # noqa: E731 (fn donates ts)
+    _, m_cached = fn(copy(ts), data, frozen, key, cache)
+    _, m_plain = fn(copy(ts), data, frozen, key)
+    np.testing.assert_allclose(np.asarray(m_cached["loss"]), np.asarray(m_plain["loss"]),
+                               rtol=2e-5)
+    # off by config, or over the memory bound: no cache, the teacher runs in every step
+    for k, v in (("train.cache_teacher", False), ("train.cache_teacher_max_gb", 1e-6)):
+        c2 = tiny_config(method_name, **{k: v})
+        assert train.build_teacher_cache(c2, method, frozen, images, mesh) is None
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monkeypatch):
     from kdjax.methods.rd4ad import RD4AD
 
@@ -241,8 +295,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monk
             v["state"] = {**v["state"], "count": jnp.zeros((), jnp.int32)}
             return v
 
-        def loss(self, params, state, frozen, images, rng):
-            loss, (new_state, m) = super().loss(params, state, frozen, images, rng)
+        def loss(self, params, state, frozen, images, rng, cached=None):
+            loss, (new_state, m) = super().loss(params, state, frozen, images, rng, cached)
             loss = jnp.where(state["count"] >= 3, jnp.nan, loss)
             return loss, ({**new_state, "count": state["count"] + 1}, m)
 

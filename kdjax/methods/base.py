@@ -24,7 +24,7 @@ then pads and upsamples, as its reference does). Anything random inside
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import jax
 import optax
@@ -76,9 +76,24 @@ class Method:
         return optax.adam(t.learning_rate, b1=t.get("b1", 0.9), b2=t.get("b2", 0.999))
 
     # --- training ---------------------------------------------------------
+    def teacher_cache(self, frozen: Pytree, images: jax.Array) -> Optional[Pytree]:
+        """What ``loss`` computes from the CLEAN training images with the frozen
+        teacher alone (no parameter, no state, no randomness), per image: a
+        pytree of arrays with the batch axis first, or None (nothing to cache).
+
+        The engine may compute it once for the resident training set
+        (``train.cache_teacher``) and pass each batch's rows to ``loss`` as
+        ``cached``; the loss must then equal the one computed without it.
+        Jittable; called under ``jax.eval_shape`` to learn the sizes."""
+        return None
+
     def loss(self, params: Pytree, state: Pytree, frozen: Pytree, images: jax.Array,
-             rng: jax.Array) -> Tuple[jax.Array, Tuple[Pytree, Dict[str, jax.Array]]]:
-        """Scalar loss on a batch, with (new_state, {metric name: scalar})."""
+             rng: jax.Array, cached: Optional[Pytree] = None
+             ) -> Tuple[jax.Array, Tuple[Pytree, Dict[str, jax.Array]]]:
+        """Scalar loss on a batch, with (new_state, {metric name: scalar}).
+
+        ``cached``: this batch's rows of :meth:`teacher_cache`, or None (then
+        the loss computes them)."""
         raise NotImplementedError
 
     # --- inference --------------------------------------------------------

@@ -221,9 +221,9 @@ class CAD(RD4AD):
                 "state": {"local": local["state"], "global": {"batch_stats": gvars["batch_stats"]}},
                 "frozen": local["frozen"]}
 
-    def loss(self, params, state, frozen, images, rng):
+    def loss(self, params, state, frozen, images, rng, cached=None):
         c = self.cad
-        t = self.teacher_features(frozen, images)
+        t = self.train_teacher_features(frozen, images, cached)
         s, local_state, ocbe = self.local_forward(params["local"], state["local"], t, True)
         local_loss = losses.flat_cosine_loss([t[k] for k in TAPS], [s[k] for k in TAPS])
         g, global_state = self.global_forward(params["global"], state["global"], t, ocbe, True)

@@ -24,11 +24,17 @@ which this file follows step by step:
 
 DFSC margin (kdjax's reconstruction, METHODS.md): on the positions where the
 autoencoder fails to reproduce the teacher, ``||T - A||^2`` above its
-``margin_quantile`` over the batch, add ``mean(relu(m - ||S_ae - T||^2))``
+``margin_quantile`` over the batch, add ``mean(relu(gap - ||S_ae - T||^2))``
 with weight ``margin_weight``. Squared distances are channel MEANS (as the
-anomaly maps are), so ``margin`` is on the scale of the global map. With
-``margin_weight == 0`` the term is not even traced: training is EfficientAD
-exactly.
+anomaly maps are). ``margin_mode`` sets the gap: "absolute", ``gap =
+margin``; "relative", ``gap = margin * ||T - A||^2`` at that position (scale
+free: the student's global branch must stay at least ``margin`` times as far
+from the teacher as the autoencoder is there). An absolute margin of 0.5 was
+measured never to fire on the synthetic set (the branch already sits farther
+than that), which is why configs/loco_margin.py uses the relative gap; the
+logged ``margin_active`` is the fraction of distinctive positions whose
+hinge is active. With ``margin_weight == 0`` the term is not even traced:
+training is EfficientAD exactly.
 
 Method-specific settings live in ``config.efficientad`` (see
 :func:`default_efficientad_config` for every key and its meaning).
@@ -56,6 +62,7 @@ _ARCH_OF_SIZE = {"S": "pdn_small", "M": "pdn_medium"}
 _SIZE_ALIASES = {"s": "S", "small": "S", "m": "M", "medium": "M"}
 # torchvision's rgb_to_grayscale weights (tensor path of ColorJitter / RandomGrayscale).
 _GRAY = (0.2989, 0.587, 0.114)
+MARGIN_MODES = ("absolute", "relative")
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
 
@@ -77,7 +84,10 @@ def default_efficientad_config() -> ml_collections.ConfigDict:
     c.conv_impl = "auto"
     # DFSC margin (Lee & Kim 2024; kdjax's reconstruction, METHODS.md).
     c.margin_weight = 0.0  # w; 0 = EfficientAD exactly
-    c.margin = 0.5  # m, on channel-mean squared distances of normalized teacher features
+    # The hinge's gap: "absolute" = margin, on channel-mean squared distances of
+    # normalized teacher features; "relative" = margin * ||T - A||^2 at that position.
+    c.margin_mode = "absolute"
+    c.margin = 0.5  # m
     c.margin_quantile = 0.9  # q: positions with ||T - A||^2 above it are "distinctive"
     return c
 
@@ -100,6 +110,8 @@ def efficientad_settings(config) -> ml_collections.ConfigDict:
         raise ValueError("config.efficientad.hard_quantile must be in (0, 1) (paper: 0.999).")
     if not 0.0 <= float(out.margin_quantile) < 1.0:
         raise ValueError("config.efficientad.margin_quantile must be in [0, 1) (e.g. 0.9).")
+    if out.margin_mode not in MARGIN_MODES:
+        raise ValueError(f"config.efficientad.margin_mode must be one of {MARGIN_MODES}.")
     if out.conv_impl not in CONV_IMPLS:
         raise ValueError(f"config.efficientad.conv_impl must be one of {CONV_IMPLS}.")
     if float(out.margin_weight) < 0:
@@ -169,25 +181,38 @@ def color_jitter_ae(images: jax.Array, rng: jax.Array, strength: float = 0.2) ->
 
 
 def dfsc_margin_loss(teacher: jax.Array, ae: jax.Array, student_ae: jax.Array,
-                     margin: float, quantile: float) -> jax.Array:
+                     margin: float, quantile: float, mode: str = "absolute",
+                     with_active: bool = False):
     """DFSC margin (kdjax's reconstruction, METHODS.md "DFSC margin").
 
     ``teacher`` (normalized T), ``ae`` (A) and ``student_ae`` (S[384:]) are
     (N, H, W, C) maps of the augmented image. Distinctive positions: those
-    whose channel-mean ``(T - A)^2`` is strictly above its ``quantile`` over
-    the batch (linear interpolation, as torch.quantile). On them the loss is
-    the mean of ``relu(margin - mean_c (S_ae - T)^2)``; 0 if there is none.
-    The selection carries no gradient; the hinge's gradient reaches only the
-    student (the teacher is frozen, the autoencoder is not in the hinge).
+    whose channel-mean ``d_ta = (T - A)^2`` is strictly above its ``quantile``
+    over the batch (linear interpolation, as torch.quantile). On them the loss
+    is the mean of ``relu(gap - mean_c (S_ae - T)^2)``; 0 if there is none.
+    ``mode`` sets the gap: "absolute", ``gap = margin`` (the distance scale of
+    normalized teacher features); "relative", ``gap = margin * d_ta`` at that
+    position: the student's global branch must stay at least ``margin`` times
+    as far from the teacher as the autoencoder is, where the autoencoder
+    cannot reproduce it. The selection and the gap carry no gradient; the
+    hinge's gradient reaches only the student (the teacher is frozen, the
+    autoencoder is not in the hinge). ``with_active`` also returns the
+    fraction of distinctive positions whose hinge is active.
     """
+    if mode not in MARGIN_MODES:
+        raise ValueError(f"DFSC margin mode {mode!r}: use one of {MARGIN_MODES}.")
     t = jax.lax.stop_gradient(teacher.astype(jnp.float32))
     d_ta = jnp.mean((t - jax.lax.stop_gradient(ae.astype(jnp.float32))) ** 2, axis=-1)
     threshold = jnp.quantile(d_ta.reshape(-1), quantile)
     selected = d_ta > threshold
     d_st = jnp.mean((student_ae.astype(jnp.float32) - t) ** 2, axis=-1)
-    hinge = jax.nn.relu(margin - d_st)
-    count = jnp.sum(selected)
-    return jnp.sum(jnp.where(selected, hinge, 0.0)) / jnp.maximum(count, 1).astype(jnp.float32)
+    gap = margin * d_ta if mode == "relative" else margin
+    hinge = jax.nn.relu(gap - d_st)
+    count = jnp.maximum(jnp.sum(selected), 1).astype(jnp.float32)
+    loss = jnp.sum(jnp.where(selected, hinge, 0.0)) / count
+    if not with_active:
+        return loss
+    return loss, jnp.sum(selected & (hinge > 0)) / count
 
 
 def kth_largest(x: jax.Array, ks) -> jax.Array:
@@ -493,19 +518,30 @@ class EfficientAD(Method):
                             rngs=rngs).astype(jnp.float32)
 
     # --- training ---------------------------------------------------------
-    def loss(self, params, state, frozen, images, rng):
+    def teacher_cache(self, frozen, images):
+        """The raw (unnormalized) teacher output of the clean image; the
+        normalization with the channel statistics happens in the loss."""
+        return self.teacher.apply(frozen["teacher"], images.astype(jnp.float32)).astype(
+            jnp.float32)
+
+    def loss(self, params, state, frozen, images, rng, cached=None):
         s = self.settings
         c = self.channels
         n = images.shape[0]
         k_jit, k_pen, k_drop = jax.random.split(rng, 3)
         images = images.astype(jnp.float32)
         images_ae = color_jitter_ae(images, k_jit, float(s.jitter))
-        # One teacher call and one student call on the stacked batch
-        # [image, augmented image (, penalty image)]: per-sample identical to
-        # the reference's separate calls (no batch statistics anywhere).
-        # The frozen teacher needs no gradient: its inference convolutions are used.
-        t = self._teacher(frozen, state, jnp.concatenate([images, images_ae], 0))
-        t_st, t_ae = t[:n], t[n:]
+        # One teacher call (unless the engine cached the clean image's output)
+        # and one student call on the stacked batch [image, augmented image
+        # (, penalty image)]: per-sample identical to the reference's separate
+        # calls (no batch statistics anywhere). The frozen teacher needs no
+        # gradient: its inference convolutions are used.
+        if cached is None:
+            t = self._teacher(frozen, state, jnp.concatenate([images, images_ae], 0))
+            t_st, t_ae = t[:n], t[n:]
+        else:
+            t_st = jax.lax.stop_gradient((cached - state["teacher_mean"]) / state["teacher_std"])
+            t_ae = self._teacher(frozen, state, images_ae)
         student_in = [images, images_ae]
         use_penalty = "penalty" in frozen
         if use_penalty:
@@ -529,13 +565,16 @@ class EfficientAD(Method):
         if use_penalty:
             total = total + loss_penalty
         if self.margin_weight != 0.0:  # decided at trace time: w = 0 traces EfficientAD only
-            loss_margin = dfsc_margin_loss(t_ae, a, s_ae, float(s.margin),
-                                           float(s.margin_quantile))
+            loss_margin, margin_active = dfsc_margin_loss(
+                t_ae, a, s_ae, float(s.margin), float(s.margin_quantile), str(s.margin_mode),
+                with_active=True)
             total = total + self.margin_weight * loss_margin
         else:
-            loss_margin = jnp.zeros((), jnp.float32)
+            loss_margin = margin_active = jnp.zeros((), jnp.float32)
         metrics = {"loss": total, "hard": loss_hard, "ae": loss_ae, "stae": loss_stae,
-                   "penalty": loss_penalty, "margin": loss_margin}
+                   "penalty": loss_penalty, "margin": loss_margin,
+                   # fraction of the distinctive positions whose hinge is active
+                   "margin_active": margin_active}
         return total, (state, metrics)
 
     # --- inference --------------------------------------------------------

@@ -44,9 +44,9 @@ class MRKD(RD4AD):
                str(config.data.category))
         self.nsa_params = nsa.params_for(cat)
 
-    def loss(self, params, state, frozen, images, rng):
+    def loss(self, params, state, frozen, images, rng, cached=None):
         k_nsa, k_flm = jax.random.split(rng)
-        target = self.teacher_features(frozen, images)
+        target = self.train_teacher_features(frozen, images, cached)
         if self.ilm:
             x_tilde = nsa.nsa_batch(k_nsa, images, self.nsa_params)
             feats = self.teacher_features(frozen, x_tilde)

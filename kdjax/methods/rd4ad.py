@@ -114,8 +114,16 @@ class RD4AD(Method):
         return {"params": svars["params"], "state": {"batch_stats": svars["batch_stats"]},
                 "frozen": {"teacher": teacher_vars}}
 
-    def loss(self, params, state, frozen, images, rng):
-        t = self.teacher_features(frozen, images)
+    def teacher_cache(self, frozen, images):
+        """The teacher taps of the clean image: RD4AD's input and target."""
+        return self.teacher_features(frozen, images)
+
+    def train_teacher_features(self, frozen, images, cached):
+        """Teacher taps of the clean training batch: the engine's cached rows if given."""
+        return self.teacher_features(frozen, images) if cached is None else cached
+
+    def loss(self, params, state, frozen, images, rng, cached=None):
+        t = self.train_teacher_features(frozen, images, cached)
         s, new_state = self.student_features(params, state, t, train=True)
         loss = losses.flat_cosine_loss([t[k] for k in TAPS], [s[k] for k in TAPS])
         return loss, (new_state, {"loss": loss})
