@@ -24,7 +24,7 @@ import math
 import os
 import socket
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -271,17 +271,10 @@ def build_teacher_cache(config, method, frozen, images: np.ndarray, mesh: Mesh):
         log.info("Teacher cache not used: %.2f GiB for %d images exceeds "
                  "train.cache_teacher_max_gb=%.1f; the teacher runs in every step.", gb, n, limit)
         return None
-    batch = int(config.eval.batch_size)
-    fn = jax.jit(lambda f, x: method.teacher_cache(f, ops.normalize_images(x)))
-    parts = []
-    for i in range(0, n, batch):
-        chunk = images[i:i + batch]
-        k = len(chunk)
-        if k < batch:  # one compiled shape
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - k, 0)], 0)
-        out = jax.device_get(fn(frozen, jnp.asarray(chunk)))
-        parts.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:k], out))
-    host = jax.tree_util.tree_map(lambda *a: np.concatenate(a, 0), *parts)
+    # Replicated output: every process can read it (several hosts included).
+    fn = jax.jit(lambda f, x: method.teacher_cache(f, ops.normalize_images(x)),
+                 out_shardings=NamedSharding(mesh, P()))
+    host = map_batches(lambda x: fn(frozen, x), images, int(config.eval.batch_size), mesh)
     log.info("Teacher cache: %.2f GiB for %d training images (train.cache_teacher).", gb, n)
     repl = NamedSharding(mesh, P())
     return jax.tree_util.tree_map(lambda a: put_global(a, repl), host)
@@ -445,21 +438,29 @@ def make_maps_fn(method, mesh: Mesh, batch: int):
     return jax.jit(run, out_shardings=out_sh)
 
 
+def map_batches(fn, images: np.ndarray, batch: int, mesh: Mesh):
+    """``fn`` (a jitted function of one device batch, returning a pytree of
+    arrays with the batch axis first, replicated) over a uint8 host array in batches of
+    ``batch`` (the last one padded with copies of its final image, so one
+    compiled shape serves); the host outputs, concatenated, ``len(images)`` rows."""
+    in_sh = NamedSharding(mesh, batch_spec(mesh, batch))
+    parts = []
+    for i in range(0, len(images), batch):
+        chunk = images[i:i + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, 0)], 0)
+        out = jax.device_get(fn(put_global(chunk, in_sh)))
+        parts.append(jax.tree_util.tree_map(lambda a, n=n: np.asarray(a)[:n], out))
+    return jax.tree_util.tree_map(lambda *a: np.concatenate(a, 0), *parts)
+
+
 def predict_components(method, ts, frozen, images: np.ndarray, mesh: Mesh,
                        batch: int, fn=None) -> Dict[str, np.ndarray]:
     """Map components {name: (N, H, W) float32} for uint8 images, in fixed-size batches."""
     fn = fn or make_maps_fn(method, mesh, batch)
-    out: Dict[str, List[np.ndarray]] = {}
-    in_sh = NamedSharding(mesh, batch_spec(mesh, batch))
-    for i in range(0, len(images), batch):
-        chunk = images[i:i + batch]
-        n = len(chunk)
-        if n < batch:  # pad to keep one compiled shape
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, 0)], 0)
-        res = fn(ts["params"], ts["state"], frozen, put_global(chunk, in_sh))
-        for k, v in res.items():
-            out.setdefault(k, []).append(np.asarray(jax.device_get(v))[:n])
-    return {k: np.concatenate(v, 0).astype(np.float32) for k, v in out.items()}
+    out = map_batches(lambda x: fn(ts["params"], ts["state"], frozen, x), images, batch, mesh)
+    return {k: v.astype(np.float32) for k, v in out.items()}
 
 
 def map_normalization(val_components: Dict[str, np.ndarray], quantiles) -> Dict[str, tuple]:
