@@ -502,11 +502,15 @@ class EfficientAD(Method):
                             b1=float(t.get("b1", 0.9)), b2=float(t.get("b2", 0.999)))
 
     # --- forward pieces ---------------------------------------------------
+    def _teacher_raw(self, frozen, images, module=None):
+        return (module or self.teacher).apply(frozen["teacher"], images).astype(jnp.float32)
+
+    @staticmethod
+    def _normalize_teacher(state, t):
+        return jax.lax.stop_gradient((t - state["teacher_mean"]) / state["teacher_std"])
+
     def _teacher(self, frozen, state, images, module=None):
-        module = module or self.teacher
-        t = module.apply(frozen["teacher"], images).astype(jnp.float32)
-        t = (t - state["teacher_mean"]) / state["teacher_std"]
-        return jax.lax.stop_gradient(t)
+        return self._normalize_teacher(state, self._teacher_raw(frozen, images, module))
 
     def _student(self, params, images):
         return self.student.apply({"params": params["student"]}, images).astype(jnp.float32)
@@ -521,8 +525,7 @@ class EfficientAD(Method):
     def teacher_cache(self, frozen, images):
         """The raw (unnormalized) teacher output of the clean image; the
         normalization with the channel statistics happens in the loss."""
-        return self.teacher.apply(frozen["teacher"], images.astype(jnp.float32)).astype(
-            jnp.float32)
+        return self._teacher_raw(frozen, images.astype(jnp.float32))
 
     def loss(self, params, state, frozen, images, rng, cached=None):
         s = self.settings
@@ -540,7 +543,7 @@ class EfficientAD(Method):
             t = self._teacher(frozen, state, jnp.concatenate([images, images_ae], 0))
             t_st, t_ae = t[:n], t[n:]
         else:
-            t_st = jax.lax.stop_gradient((cached - state["teacher_mean"]) / state["teacher_std"])
+            t_st = self._normalize_teacher(state, cached)
             t_ae = self._teacher(frozen, state, images_ae)
         student_in = [images, images_ae]
         use_penalty = "penalty" in frozen
