@@ -259,9 +259,8 @@ def build_teacher_cache(config, method, frozen, images: np.ndarray, mesh: Mesh):
     if not bool(config.train.get("cache_teacher", True)):
         return None
     n = len(images)
-    size = tuple(images.shape[1:])
     one = jax.eval_shape(method.teacher_cache, frozen,
-                         jax.ShapeDtypeStruct((1,) + size[:2] + (3,), jnp.float32))
+                         jax.ShapeDtypeStruct((1,) + images.shape[1:], jnp.float32))
     leaves = jax.tree_util.tree_leaves(one)
     if not leaves:
         return None
@@ -272,11 +271,11 @@ def build_teacher_cache(config, method, frozen, images: np.ndarray, mesh: Mesh):
                  "train.cache_teacher_max_gb=%.1f; the teacher runs in every step.", gb, n, limit)
         return None
     # Replicated output: every process can read it (several hosts included).
+    repl = NamedSharding(mesh, P())
     fn = jax.jit(lambda f, x: method.teacher_cache(f, ops.normalize_images(x)),
-                 out_shardings=NamedSharding(mesh, P()))
+                 out_shardings=repl)
     host = map_batches(lambda x: fn(frozen, x), images, int(config.eval.batch_size), mesh)
     log.info("Teacher cache: %.2f GiB for %d training images (train.cache_teacher).", gb, n)
-    repl = NamedSharding(mesh, P())
     return jax.tree_util.tree_map(lambda a: put_global(a, repl), host)
 
 
