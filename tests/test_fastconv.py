@@ -11,21 +11,32 @@ from kdjax.models import fastconv
 DN = ("NHWC", "HWIO", "NHWC")
 
 
-@pytest.mark.parametrize("k,s,p,h", [(1, 1, 0, 9), (1, 2, 0, 8), (1, 2, 0, 9), (3, 1, 1, 8),
-                                     (3, 2, 1, 9), (3, 2, 1, 8), (4, 1, 0, 11), (4, 1, 3, 10),
-                                     (7, 2, 3, 13)])
-def test_values_and_gradients_match_lax(k, s, p, h):
-    rng = np.random.default_rng(k * 100 + s * 10 + h)
-    x = jnp.asarray(rng.normal(size=(2, h, h + 1, 3)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(k, k, 3, 5)), jnp.float32)
+# (kernel, stride, padding, height, input channels). With 16 or more input channels
+# strided convolutions and stride-1 ones with at most fastconv.IM2COL_MAX_PIXELS
+# output pixels take the im2col path (h=6: 6x7 outputs); 1x1 without padding is a
+# matmul; the rest is XLA's convolution with fastconv's gradients.
+@pytest.mark.parametrize("k,s,p,h,ci", [(1, 1, 0, 9, 3), (1, 2, 0, 8, 3), (1, 2, 0, 9, 3),
+                                        (1, 1, 1, 5, 3), (3, 1, 1, 8, 3), (3, 2, 1, 9, 3),
+                                        (3, 2, 1, 8, 3), (4, 1, 0, 11, 3), (4, 1, 3, 10, 3),
+                                        (7, 2, 3, 13, 3), (3, 2, 1, 9, 16), (3, 1, 1, 6, 16),
+                                        (3, 1, 1, 12, 16), (4, 1, 2, 5, 16)])
+def test_values_and_gradients_match_lax(k, s, p, h, ci):
+    rng = np.random.default_rng(k * 100 + s * 10 + h + ci)
+    x = jnp.asarray(rng.normal(size=(2, h, h + 1, ci)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, ci, 5)), jnp.float32)
     pad = ((p, p), (p, p))
 
     def loss(conv):
         return lambda x, w: jnp.sum(jnp.sin(conv(x, w, (s, s), pad, dimension_numbers=DN)))
 
+    want_y = lax.conv_general_dilated(x, w, (s, s), pad, dimension_numbers=DN)
+    got_y = jax.jit(lambda x, w: fastconv.conv_general_dilated(x, w, (s, s), pad,
+                                                               dimension_numbers=DN))(x, w)
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want_y))))
     want = jax.value_and_grad(loss(lax.conv_general_dilated), (0, 1))(x, w)
     got = jax.jit(jax.value_and_grad(loss(fastconv.conv_general_dilated), (0, 1)))(x, w)
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    # sin of sums of up to 16 * 16 products: float32 summation order shows.
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4)
     for g, r in zip(got[1], want[1]):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(r))))
 

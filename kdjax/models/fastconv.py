@@ -7,14 +7,21 @@ and its matmuls run near the machine's peak. Measured on RD4AD's student at
 64 px, batch 8 (2-core CPU): the kernel gradients took ~80% of a 10 s step;
 one 3x3 stride-2 kernel gradient alone took 1.4 s for 0.6 GFLOP.
 
-:func:`conv_general_dilated` computes the same convolution with
-``lax.conv_general_dilated`` and its gradients as:
+:func:`conv_general_dilated` computes the same convolution on the CPU backend as:
+- 1x1 without padding: a (strided) slice and one matmul, gradients by autodiff
+  (XLA:CPU's 1x1 convolution is up to 2x slower than the matmul, measured on
+  RD4AD's 64x64 maps);
+- strided, or stride 1 with at most ``IM2COL_MAX_PIXELS`` output pixels, and at
+  least ``IM2COL_MIN_CHANNELS`` input channels: one im2col matmul forward;
+- otherwise ``lax.conv_general_dilated`` forward;
+and, for the last two, these gradients:
 - kernel gradient: matmuls; tap (a, b) of the kernel meets a strided slice of
   the padded input, contracted with the output gradient over batch and space
   (:func:`kernel_grad`);
-- input gradient, stride 1: the forward convolution of the output gradient
-  with the flipped kernel (XLA:CPU's fast forward path);
-- input gradient, strided: one matmul spread back by interior padding
+- input gradient of a stride-1 convolution on the XLA path: the forward
+  convolution of the output gradient with the flipped kernel (XLA:CPU's fast
+  forward path);
+- other input gradients: one matmul spread back by interior padding
   (:func:`input_grad_strided`).
 It is used for NHWC / HWIO convolutions without dilation or groups on the CPU
 backend; everything else goes to ``lax.conv_general_dilated`` unchanged (GPU
@@ -47,45 +54,88 @@ def _plain(lhs, rhs, strides, padding, precision):
                                     precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(lhs, rhs, strides, padding, precision):
-    return _plain(lhs, rhs, strides, padding, precision)
+# Stride-1 convolutions whose output has at most this many pixels per image are
+# computed as one im2col matmul: XLA:CPU's convolution is slow on small maps
+# with many channels (measured, 3x3 1024->1024 on 8x8 maps: 2x).
+IM2COL_MAX_PIXELS = 64
+# Below this many input channels an im2col matrix is mostly gathering (the
+# 7x7 stem on RGB); the convolution stays XLA's.
+IM2COL_MIN_CHANNELS = 16
 
 
-def _conv_fwd(lhs, rhs, strides, padding, precision):
-    return _plain(lhs, rhs, strides, padding, precision), (lhs, rhs)
+def _out_hw(lhs_shape, kernel_hw, strides, padding):
+    return tuple((lhs_shape[1 + i] + sum(padding[i]) - kernel_hw[i]) // strides[i] + 1
+                 for i in range(2))
+
+
+def _im2col(lhs, rhs, strides, padding, precision):
+    """The convolution as one matmul: (M, kh*kw*I) patches times the (kh*kw*I, O) kernel."""
+    kh, kw, ci, co = rhs.shape
+    ho, wo = _out_hw(lhs.shape, (kh, kw), strides, padding)
+    n = lhs.shape[0]
+    cols = jnp.concatenate(_taps(lhs, (kh, kw), strides, padding, (ho, wo)), -1)
+    y = lax.dot_general(cols.reshape(n * ho * wo, kh * kw * ci), rhs.reshape(kh * kw * ci, co),
+                        (((1,), (0,)), ((), ())), precision=precision)
+    return y.reshape(n, ho, wo, co)
+
+
+def _conv1x1(lhs, rhs, strides, precision):
+    """A 1x1 convolution without padding: a (strided) slice and a matmul; autodiff's
+    gradients of both are matmuls and an interior pad."""
+    sh, sw = strides
+    x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
+    n, h, w, ci = x.shape
+    y = lax.dot_general(x.reshape(n * h * w, ci), rhs.reshape(ci, rhs.shape[-1]),
+                        (((1,), (0,)), ((), ())), precision=precision)
+    return y.reshape(n, h, w, rhs.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(lhs, rhs, strides, padding, precision, im2col):
+    return (_im2col if im2col else _plain)(lhs, rhs, strides, padding, precision)
+
+
+def _conv_fwd(lhs, rhs, strides, padding, precision, im2col):
+    return _conv(lhs, rhs, strides, padding, precision, im2col), (lhs, rhs)
+
+
+def _taps(lhs, kernel_hw, strides, padding, out_hw):
+    """The kh*kw strided input slices (N, Ho, Wo, I) that meet kernel taps (0, 0) .. (kh-1, kw-1)."""
+    kh, kw = kernel_hw
+    sh, sw = strides
+    (pt, pb), (pl, pr) = padding
+    ho, wo = out_hw
+    n, ci = lhs.shape[0], lhs.shape[-1]
+    # Negative padding crops; lax.pad does both.
+    xp = lax.pad(lhs, jnp.zeros((), lhs.dtype),
+                 ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+    return [lax.slice(xp, (0, a, b, 0), (n, a + sh * (ho - 1) + 1, b + sw * (wo - 1) + 1, ci),
+                      (1, sh, sw, 1)) for a in range(kh) for b in range(kw)]
+
+
+def _dot(a, b, contract, precision):
+    """a . b contracting dimension contract[0] of a with contract[1] of b (2-D), f32 accumulation."""
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                           precision=precision, preferred_element_type=jnp.float32)
 
 
 def kernel_grad(lhs, g, kernel_hw: Tuple[int, int], strides, padding, precision=None):
     """d(sum(g * conv(lhs, w)))/dw for NHWC / HWIO, as matmuls over batch x space.
 
-    The output gradient is transposed once to (O, M) (M = N * Ho * Wo); each
-    kernel tap's strided input slice, reshaped to (M, I), is the matmul's
-    right operand in its natural layout, so XLA:CPU adds no transposes of the
-    (large) activations. Strided kernels gather the taps into one (M, k*k*I)
+    Each kernel tap's strided input slice, as an (M, I) matrix (M = N * Ho * Wo),
+    meets the output gradient (M, O) in one matmul contracting M; neither operand
+    is transposed in memory. Strided kernels gather the taps into one (M, k*k*I)
     matrix first: one matmul is faster there than k*k small ones (measured)."""
     kh, kw = kernel_hw
-    sh, sw = strides
-    (pt, pb), (pl, pr) = padding
     n, ho, wo, o = g.shape
     ci = lhs.shape[-1]
-    # Negative padding crops; lax.pad does both.
-    xp = lax.pad(lhs, jnp.zeros((), lhs.dtype),
-                 ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
-
-    def tap(a, b):
-        return lax.slice(xp, (0, a, b, 0),
-                         (n, a + sh * (ho - 1) + 1, b + sw * (wo - 1) + 1, ci),
-                         (1, sh, sw, 1)).reshape(n * ho * wo, ci)
-
-    g_t = g.reshape(n * ho * wo, o).T
-    dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
-    taps = [tap(a, b) for a in range(kh) for b in range(kw)]
-    if (sh, sw) != (1, 1) and kh * kw > 1:
-        d = dot(g_t, jnp.concatenate(taps, -1))
+    g2 = g.reshape(n * ho * wo, o)
+    taps = [t.reshape(n * ho * wo, ci) for t in _taps(lhs, kernel_hw, strides, padding, (ho, wo))]
+    if tuple(strides) != (1, 1) and kh * kw > 1:
+        d = _dot(jnp.concatenate(taps, -1), g2, (0, 0), precision)
     else:
-        d = jnp.stack([dot(g_t, t) for t in taps], 1)
-    return d.reshape(o, kh, kw, ci).transpose(1, 2, 3, 0)
+        d = jnp.stack([_dot(t, g2, (0, 0), precision) for t in taps])
+    return d.reshape(kh, kw, ci, o)
 
 
 def input_grad_strided(g, rhs, lhs_shape, strides, padding, precision=None):
@@ -99,9 +149,8 @@ def input_grad_strided(g, rhs, lhs_shape, strides, padding, precision=None):
     n, ho, wo, _ = g.shape
     _, h, w, _ = lhs_shape
     hp, wp = h + pt + pb, w + pl + pr
-    z = jnp.dot(g.reshape(n * ho * wo, o),
-                rhs.astype(g.dtype).transpose(3, 0, 1, 2).reshape(o, kh * kw * ci),
-                precision=precision, preferred_element_type=jnp.float32)
+    z = _dot(g.reshape(n * ho * wo, o), rhs.astype(g.dtype).reshape(kh * kw * ci, o), (1, 1),
+             precision)
     z = z.reshape(n, ho, wo, kh, kw, ci)
     zero = jnp.zeros((), z.dtype)
     total = None
@@ -117,12 +166,12 @@ def input_grad_strided(g, rhs, lhs_shape, strides, padding, precision=None):
     return lax.pad(total, zero, crop).astype(g.dtype)
 
 
-def _conv_bwd(strides, padding, precision, res, g):
+def _conv_bwd(strides, padding, precision, im2col, res, g):
     lhs, rhs = res
     kh, kw = rhs.shape[:2]
     (pt, pb), (pl, pr) = padding
     back_pad = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
-    if tuple(strides) == (1, 1) and min(min(p) for p in back_pad) >= 0:
+    if not im2col and tuple(strides) == (1, 1) and min(min(p) for p in back_pad) >= 0:
         # The input gradient as the forward convolution it is (flipped kernel,
         # in/out swapped): XLA:CPU's fast forward path, not its transpose form.
         w_t = jnp.flip(rhs, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype)
@@ -155,4 +204,10 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
             feature_group_count=feature_group_count, batch_group_count=batch_group_count,
             precision=precision, preferred_element_type=preferred_element_type)
     pad = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pad, precision)
+    strides = tuple(int(s) for s in window_strides)
+    kh, kw, ci, _ = rhs.shape
+    if (kh, kw) == (1, 1) and pad == ((0, 0), (0, 0)):
+        return _conv1x1(lhs, rhs, strides, precision)
+    ho, wo = _out_hw(lhs.shape, (kh, kw), strides, pad)
+    im2col = ci >= IM2COL_MIN_CHANNELS and (strides != (1, 1) or ho * wo <= IM2COL_MAX_PIXELS)
+    return _conv(lhs, rhs, strides, pad, precision, im2col)

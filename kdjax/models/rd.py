@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kdjax.models.resnet import Bottleneck, batch_norm, conv
+from kdjax.models.resnet import Bottleneck, batch_norm, block_output, conv
 
 Dtype = Any
 
@@ -116,7 +116,7 @@ class DeBottleneck(nn.Module):
         if self.upsample:
             identity = deconv2x2(self.planes * 4, self.dtype, "upsample_0")(x)
             identity = batch_norm(train, self.dtype, "upsample_1")(identity)
-        return nn.relu(y + identity)
+        return block_output(nn.relu(y + identity))
 
 
 class Generation(nn.Module):
