@@ -29,6 +29,9 @@ flags.DEFINE_string("json", None, "Write the figures to this JSON file.")
 flags.DEFINE_integer("steps", 3, "Timed host calls (each runs train.steps_per_call steps).")
 flags.DEFINE_integer("infer_batches", 5, "Timed inference batches.")
 flags.DEFINE_bool("peak", True, "Also measure the device's dense matmul FLOP/s.")
+flags.DEFINE_string("profile_dir", None, "Also write a jax.profiler trace of one training call "
+                    "and one inference batch (after the timed ones) to this directory; view "
+                    "it with TensorBoard's profile plugin or xprof.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -65,7 +68,7 @@ def matmul_peak(dtype, n: int = 2048, reps: int = 10, tries: int = 3) -> float:
     return 2 * n ** 3 * reps / best
 
 
-def run(config, steps: int, infer_batches: int, peak: bool) -> dict:
+def run(config, steps: int, infer_batches: int, peak: bool, profile_dir=None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -124,6 +127,11 @@ def run(config, steps: int, infer_batches: int, peak: bool) -> dict:
         out = mcomp(ts["params"], ts["state"], frozen, x)
     jax.block_until_ready(out)
     infer_ips = infer_batches * eb / (time.perf_counter() - t0)
+    if profile_dir:
+        with jax.profiler.trace(profile_dir):
+            ts, m = compiled(ts, data, frozen, key, cache)
+            jax.block_until_ready(m)
+            jax.block_until_ready(mcomp(ts["params"], ts["state"], frozen, x))
 
     dev = jax.devices()[0]
     res = {
@@ -158,7 +166,7 @@ def run(config, steps: int, infer_batches: int, peak: bool) -> dict:
 
 def main(argv):
     del argv
-    res = run(FLAGS.config, FLAGS.steps, FLAGS.infer_batches, FLAGS.peak)
+    res = run(FLAGS.config, FLAGS.steps, FLAGS.infer_batches, FLAGS.peak, FLAGS.profile_dir)
     for k, v in res.items():
         if isinstance(v, float):
             v = f"{v:.4g}"
