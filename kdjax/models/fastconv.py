@@ -22,7 +22,7 @@ and, for the last two, these gradients:
   convolution of the output gradient with the flipped kernel (XLA:CPU's fast
   forward path);
 - other input gradients: one matmul spread back by interior padding
-  (:func:`input_grad_strided`).
+  (:func:`input_grad_matmul`).
 It is used for NHWC / HWIO convolutions without dilation or groups on the CPU
 backend; everything else goes to ``lax.conv_general_dilated`` unchanged (GPU
 and TPU convolution gradients are fast). Flax's ``nn.Conv`` takes it
@@ -71,9 +71,9 @@ def _out_hw(lhs_shape, kernel_hw, strides, padding):
 def _im2col(lhs, rhs, strides, padding, precision):
     """The convolution as one matmul: (M, kh*kw*I) patches times the (kh*kw*I, O) kernel."""
     kh, kw, ci, co = rhs.shape
-    ho, wo = _out_hw(lhs.shape, (kh, kw), strides, padding)
     n = lhs.shape[0]
-    cols = jnp.concatenate(_taps(lhs, (kh, kw), strides, padding, (ho, wo)), -1)
+    cols = patches(lhs, (kh, kw), strides, padding)
+    ho, wo = cols.shape[1:3]
     y = lax.dot_general(cols.reshape(n * ho * wo, kh * kw * ci), rhs.reshape(kh * kw * ci, co),
                         (((1,), (0,)), ((), ())), precision=precision)
     return y.reshape(n, ho, wo, co)
@@ -99,18 +99,24 @@ def _conv_fwd(lhs, rhs, strides, padding, precision, im2col):
     return _conv(lhs, rhs, strides, padding, precision, im2col), (lhs, rhs)
 
 
-def _taps(lhs, kernel_hw, strides, padding, out_hw):
+def taps(lhs, kernel_hw, strides, padding):
     """The kh*kw strided input slices (N, Ho, Wo, I) that meet kernel taps (0, 0) .. (kh-1, kw-1)."""
     kh, kw = kernel_hw
     sh, sw = strides
     (pt, pb), (pl, pr) = padding
-    ho, wo = out_hw
+    ho, wo = _out_hw(lhs.shape, kernel_hw, strides, padding)
     n, ci = lhs.shape[0], lhs.shape[-1]
     # Negative padding crops; lax.pad does both.
     xp = lax.pad(lhs, jnp.zeros((), lhs.dtype),
                  ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
     return [lax.slice(xp, (0, a, b, 0), (n, a + sh * (ho - 1) + 1, b + sw * (wo - 1) + 1, ci),
                       (1, sh, sw, 1)) for a in range(kh) for b in range(kw)]
+
+
+def patches(lhs, kernel_hw, strides, padding):
+    """im2col: (N, Ho, Wo, kh*kw*I) patches ordered (kernel row, kernel column,
+    channel), the row order of the HWIO kernel reshaped to (kh*kw*I, O)."""
+    return jnp.concatenate(taps(lhs, kernel_hw, strides, padding), -1)
 
 
 def _dot(a, b, contract, precision):
@@ -130,17 +136,17 @@ def kernel_grad(lhs, g, kernel_hw: Tuple[int, int], strides, padding, precision=
     n, ho, wo, o = g.shape
     ci = lhs.shape[-1]
     g2 = g.reshape(n * ho * wo, o)
-    taps = [t.reshape(n * ho * wo, ci) for t in _taps(lhs, kernel_hw, strides, padding, (ho, wo))]
+    slabs = [t.reshape(n * ho * wo, ci) for t in taps(lhs, kernel_hw, strides, padding)]
     if tuple(strides) != (1, 1) and kh * kw > 1:
-        d = _dot(jnp.concatenate(taps, -1), g2, (0, 0), precision)
+        d = _dot(jnp.concatenate(slabs, -1), g2, (0, 0), precision)
     else:
-        d = jnp.stack([_dot(t, g2, (0, 0), precision) for t in taps])
+        d = jnp.stack([_dot(t, g2, (0, 0), precision) for t in slabs])
     return d.reshape(kh, kw, ci, o)
 
 
-def input_grad_strided(g, rhs, lhs_shape, strides, padding, precision=None):
-    """d(sum(g * conv(x, w)))/dx for a strided NHWC / HWIO convolution: one
-    matmul g @ w^T for all taps, then each tap's (N, Ho, Wo, I) slab is spread
+def input_grad_matmul(g, rhs, lhs_shape, strides, padding, precision=None):
+    """d(sum(g * conv(x, w)))/dx for an NHWC / HWIO convolution of any stride
+    (used for strided ones and for the im2col path): one matmul g @ w^T for all taps, then each tap's (N, Ho, Wo, I) slab is spread
     back onto its strided positions of the padded input (lax.pad with interior
     padding) and summed; XLA:CPU's lhs-dilated convolution is slower."""
     kh, kw, ci, o = rhs.shape
@@ -177,7 +183,7 @@ def _conv_bwd(strides, padding, precision, im2col, res, g):
         w_t = jnp.flip(rhs, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype)
         d_lhs = _plain(g, w_t, (1, 1), back_pad, precision).astype(lhs.dtype)
     else:
-        d_lhs = input_grad_strided(g, rhs, lhs.shape, strides, padding, precision)
+        d_lhs = input_grad_matmul(g, rhs, lhs.shape, strides, padding, precision)
     d_rhs = kernel_grad(lhs, g.astype(lhs.dtype), rhs.shape[:2], strides, padding, precision)
     return d_lhs, d_rhs.astype(rhs.dtype)
 

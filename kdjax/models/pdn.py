@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import ops
+from kdjax.models import fastconv
 
 # Sequential indices of the convolutions in the reference nn.Sequential.
 PDN_CONV_INDICES = {"S": (0, 3, 6, 8), "M": (0, 3, 6, 8, 10, 12)}
@@ -95,14 +96,9 @@ def _lax_conv(x, w, stride: int, padding: int):
 def im2col(x, kernel: int, stride: int):
     """NHWC (already padded) -> (N, OH, OW, kernel*kernel*C) patches ordered
     (kernel row, kernel column, channel), i.e. an HWIO kernel's row order."""
-    n, h, w, c = x.shape
-    oh = (h - kernel) // stride + 1
-    ow = (w - kernel) // stride + 1
     if kernel == 1 and stride == 1:
         return x
-    cols = [x[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
-            for i in range(kernel) for j in range(kernel)]
-    return jnp.concatenate(cols, axis=-1)
+    return fastconv.patches(x, (kernel, kernel), (stride, stride), ((0, 0), (0, 0)))
 
 
 class Conv2d(nn.Module):
