@@ -219,8 +219,9 @@ def test_autoencoder_shape_at_256():
 @pytest.mark.parametrize("size", ["S", "M"])
 def test_pdn_receptive_field_is_33(size):
     """With positive weights and inputs no ReLU is inactive, so an input pixel
-    influences exactly the outputs whose receptive field holds it."""
-    m = PDN(size, 8, width_divisor=16)
+    influences exactly the outputs whose receptive field holds it. (XLA's
+    convolution: the CPU im2col path is a custom_vjp, which has no jvp.)"""
+    m = PDN(size, 8, width_divisor=16, conv_impl="xla")
     x = jnp.ones((1, 64, 64, 3))
     out_hw = pdn_output_size(64, size)
     r, c = 5, 60

@@ -48,3 +48,25 @@ def test_other_layouts_fall_back_to_lax():
     np.testing.assert_array_equal(
         fastconv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn),
         lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn))
+
+
+@pytest.mark.parametrize("k,h,ci", [(4, 9, 3), (3, 7, 16)])
+def test_im2col_conv_matches_lax(k, h, ci):
+    """The PDN's stride-1 im2col convolution: values, kernel gradient (patches^T g)
+    and input gradient (the flipped-kernel convolution)."""
+    rng = np.random.default_rng(k + h + ci)
+    x = jnp.asarray(rng.normal(size=(2, h, h + 2, ci)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, ci, 5)), jnp.float32)
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, 0)), dimension_numbers=DN)
+
+    want_y = ref(x, w)
+    got_y = jax.jit(fastconv.im2col_conv)(x, w)
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want_y))))
+    want = jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(ref(x, w))), (0, 1))(x, w)
+    got = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(fastconv.im2col_conv(x, w))),
+                                     (0, 1)))(x, w)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4)
+    for g, r in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(r))))

@@ -191,6 +191,38 @@ def _conv_bwd(strides, padding, precision, im2col, res, g):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+@jax.custom_vjp
+def im2col_conv(x, w):
+    """A stride-1, unpadded NHWC / HWIO convolution as one im2col matmul.
+
+    Kernel gradient: patches^T . g, with the patches kept from the forward;
+    input gradient: XLA's forward convolution of g with the flipped kernel
+    rather than g . w^T spread back over the patches (a chain of k*k padded
+    adds that XLA:CPU runs far below memory speed)."""
+    return _im2col_fwd(x, w)[0]
+
+
+def _im2col_fwd(x, w):
+    kh, kw, ci, co = w.shape
+    cols = patches(x, (kh, kw), (1, 1), ((0, 0), (0, 0)))
+    n, ho, wo, k = cols.shape
+    cols = cols.reshape(n * ho * wo, k)
+    y = _dot(cols, w.reshape(k, co), (1, 0), None).astype(x.dtype).reshape(n, ho, wo, co)
+    return y, (cols, w)
+
+
+def _im2col_bwd(res, g):
+    cols, w = res
+    kh, kw, ci, co = w.shape
+    d_w = _dot(cols, g.reshape(-1, co).astype(cols.dtype), (0, 0), None).reshape(w.shape)
+    w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype)
+    d_x = _plain(g, w_t, (1, 1), ((kh - 1, kh - 1), (kw - 1, kw - 1)), None)
+    return d_x.astype(cols.dtype), d_w.astype(w.dtype)
+
+
+im2col_conv.defvjp(_im2col_fwd, _im2col_bwd)
+
+
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
                          lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
                          feature_group_count: int = 1, batch_group_count: int = 1,

@@ -108,8 +108,10 @@ class Conv2d(nn.Module):
     like torch; compute in ``dtype``. ``impl``: "xla" (lax.conv) or "im2col"
     (patches @ kernel, one matmul): the same function, but on XLA:CPU the
     weight gradient of lax.conv is very slow (up to 300x its forward for the
-    autoencoder's padded 4x4 convolutions), while im2col's backward is two
-    matmuls. "auto" picks im2col on the CPU and xla elsewhere.
+    autoencoder's padded 4x4 convolutions), while im2col's backward is
+    matmuls (and, for stride 1, XLA's forward convolution for the input
+    gradient: :func:`fastconv.im2col_conv`). "auto" picks im2col on the CPU
+    and xla elsewhere.
     """
 
     features: int
@@ -138,7 +140,10 @@ class Conv2d(nn.Module):
         else:
             if p:
                 x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-            y = jnp.dot(im2col(x, k, self.stride), w.reshape(k * k * cin, features))
+            if self.stride == 1 and k > 1:
+                y = fastconv.im2col_conv(x, w)
+            else:
+                y = jnp.dot(im2col(x, k, self.stride), w.reshape(k * k * cin, features))
         return y + b.astype(self.dtype)
 
 
