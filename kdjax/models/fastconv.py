@@ -23,10 +23,14 @@ and, for the last two, these gradients:
   forward path);
 - other input gradients: one matmul spread back by interior padding
   (:func:`input_grad_matmul`).
-It is used for NHWC / HWIO convolutions without dilation or groups on the CPU
-backend; everything else goes to ``lax.conv_general_dilated`` unchanged (GPU
-and TPU convolution gradients are fast). Flax's ``nn.Conv`` takes it
-as ``conv_general_dilated=``, so parameters and their names do not change.
+:func:`im2col_conv` is the PDN's stride-1 im2col convolution (large maps, where
+the im2col forward beats XLA's convolution): kernel gradient from the saved
+patches, input gradient as the flipped-kernel forward convolution.
+:func:`conv_general_dilated` is used for NHWC / HWIO convolutions without
+dilation or groups on the CPU backend; everything else goes to
+``lax.conv_general_dilated`` unchanged (GPU and TPU convolution gradients are
+fast). Flax's ``nn.Conv`` takes it as ``conv_general_dilated=``, so parameters
+and their names do not change.
 """
 
 from __future__ import annotations
@@ -146,8 +150,9 @@ def kernel_grad(lhs, g, kernel_hw: Tuple[int, int], strides, padding, precision=
 
 def input_grad_matmul(g, rhs, lhs_shape, strides, padding, precision=None):
     """d(sum(g * conv(x, w)))/dx for an NHWC / HWIO convolution of any stride
-    (used for strided ones and for the im2col path): one matmul g @ w^T for all taps, then each tap's (N, Ho, Wo, I) slab is spread
-    back onto its strided positions of the padded input (lax.pad with interior
+    (used for strided ones and for the im2col path): one matmul g @ w^T for
+    all taps, then each tap's (N, Ho, Wo, I) slab is spread back onto its
+    strided positions of the padded input (lax.pad with interior
     padding) and summed; XLA:CPU's lhs-dilated convolution is slower."""
     kh, kw, ci, o = rhs.shape
     sh, sw = strides
