@@ -259,7 +259,7 @@ def _check_limit(limit: float) -> float:
 
 def _components(masks: List[np.ndarray], maps: List[np.ndarray]):
     """Defect-free scores, (component pixel scores, PRO weights), number of components."""
-    ok, vals, wts, sizes_all = [], [], [], []
+    ok, vals, wts = [], [], []
     n_comp = 0
     for m, a in zip(masks, maps):
         if not m.any():

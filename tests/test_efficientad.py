@@ -410,7 +410,7 @@ def test_config_errors_say_what_to_do():
 
 
 def test_shipped_configs():
-    from kdjax.config import load_config, validate
+    from kdjax.config import load_config
 
     for name, w in (("loco_efficientad", 0.0), ("loco_margin", None)):
         c = load_config(name)

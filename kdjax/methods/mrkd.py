@@ -15,7 +15,6 @@ official code also masks at test time (random evaluation); set
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from kdjax import losses
 from kdjax.methods import nsa
