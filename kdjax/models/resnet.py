@@ -113,17 +113,20 @@ class Bottleneck(nn.Module):
 def block_output(x):
     """A residual block's output, computed once (CPU backend).
 
-    XLA:CPU fuses cheap elementwise producers into every consumer, so without
-    this each block's ``relu(bn(y) + identity)`` is recomputed inside the next
-    blocks' fusions along the whole residual chain (counted in the compiled RD4AD
-    training step: layer3_1's bn3 in 16 fusions, 8 with this). A division is one
-    of the operations XLA does not duplicate; dividing by a 1 it cannot fold
-    (behind an optimization barrier) keeps the value exact and makes the block
-    output a single materialized array. Other backends get ``x`` unchanged."""
+    XLA:CPU fuses cheap elementwise producers into every consumer, so each
+    block's ``relu(bn(y) + identity)`` is otherwise recomputed inside the next
+    blocks' fusions along the whole residual chain: in the compiled RD4AD
+    inference, 26 residual adds were computed 160 times, ~18% of its time. The
+    value is therefore returned through a ``lax.cond``, whose result XLA must
+    materialize (it does not fuse across control flow), on a predicate that is
+    always true but hidden behind an optimization barrier so that XLA cannot
+    fold the conditional away. The other branch is never taken; it only has to
+    differ from the first (XLA merges a conditional with identical branches).
+    Other backends get ``x`` unchanged."""
     if jax.default_backend() != "cpu":
         return x
-    one = jax.lax.optimization_barrier(jnp.ones((), x.dtype))
-    return x / one
+    always = jax.lax.optimization_barrier(jnp.ones((), bool))
+    return jax.lax.cond(always, lambda v: v, jnp.zeros_like, x)
 
 
 def max_pool_torch(x, window: int = 3, stride: int = 2, padding: int = 1):
