@@ -119,8 +119,21 @@ def taps(lhs, kernel_hw, strides, padding):
 
 def patches(lhs, kernel_hw, strides, padding):
     """im2col: (N, Ho, Wo, kh*kw*I) patches ordered (kernel row, kernel column,
-    channel), the row order of the HWIO kernel reshaped to (kh*kw*I, O)."""
-    return jnp.concatenate(taps(lhs, kernel_hw, strides, padding), -1)
+    channel), the row order of the HWIO kernel reshaped to (kh*kw*I, O).
+
+    Built as stacks on non-minor axes, kw taps per kernel row and then the kh
+    rows, not as one concatenation of the kh*kw taps on the channel axis:
+    XLA:CPU fuses neither a channel-axis concatenation nor one of more than 8
+    operands, so that form writes every tap to memory before copying it
+    into place, while each of these stacks is one loop fusion. Measured on a
+    2-core CPU: the PDN-M conv3 patches (2x126x126x256, 4x4) 250 vs 490 ms;
+    EfficientAD-S training step 2.53 vs 2.99 s, -M 7.53 vs 7.81 s (in-process
+    A/B, medians of 6 rounds)."""
+    t = taps(lhs, kernel_hw, strides, padding)
+    kh, kw = kernel_hw
+    n, ho, wo, ci = t[0].shape
+    rows = [jnp.stack(t[a * kw:(a + 1) * kw], axis=-2) for a in range(kh)]
+    return jnp.stack(rows, axis=-3).reshape(n, ho, wo, kh * kw * ci)
 
 
 def _dot(a, b, contract, precision):
