@@ -50,24 +50,33 @@ def test_other_layouts_fall_back_to_lax():
         lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn))
 
 
-@pytest.mark.parametrize("k,h,ci", [(4, 9, 3), (3, 7, 16)])
-def test_im2col_conv_matches_lax(k, h, ci):
+@pytest.mark.parametrize("k,h,ci,pad", [(4, 9, 3, ((0, 0), (0, 0))), (3, 7, 16, ((0, 0), (0, 0))),
+                                        (4, 6, 3, ((2, 2), (2, 2))), (3, 5, 4, ((1, 2), (0, 1)))])
+def test_im2col_conv_matches_lax(k, h, ci, pad):
     """The PDN's stride-1 im2col convolution: values, kernel gradient (patches^T g)
-    and input gradient (the flipped-kernel convolution)."""
+    and input gradient (the flipped-kernel convolution, back padding k - 1 - p)."""
     rng = np.random.default_rng(k + h + ci)
     x = jnp.asarray(rng.normal(size=(2, h, h + 2, ci)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(k, k, ci, 5)), jnp.float32)
 
     def ref(x, w):
-        return lax.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, 0)), dimension_numbers=DN)
+        return lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=DN)
+
+    def ours(x, w):
+        return fastconv.im2col_conv(x, w, pad)
 
     want_y = ref(x, w)
-    got_y = jax.jit(fastconv.im2col_conv)(x, w)
+    got_y = jax.jit(ours)(x, w)
     scale = float(jnp.max(jnp.abs(want_y)))
     np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5 * scale)
     want = jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(ref(x, w))), (0, 1))(x, w)
-    got = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(fastconv.im2col_conv(x, w))),
-                                     (0, 1)))(x, w)
+    got = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(ours(x, w))), (0, 1)))(x, w)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-4)
     for g, r in zip(got[1], want[1]):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(r))))
+
+
+def test_im2col_conv_rejects_padding_beyond_kernel():
+    x, w = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 4))
+    with pytest.raises(ValueError, match="exceeds kernel size"):
+        fastconv.im2col_conv(x, w, ((3, 3), (0, 0)))

@@ -209,32 +209,37 @@ def _conv_bwd(strides, padding, precision, im2col, res, g):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-@jax.custom_vjp
-def im2col_conv(x, w):
-    """A stride-1, unpadded NHWC / HWIO convolution as one im2col matmul.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def im2col_conv(x, w, padding=((0, 0), (0, 0))):
+    """A stride-1 NHWC / HWIO convolution as one im2col matmul; ``padding`` is
+    ((top, bottom), (left, right)) with each side at most kernel size - 1.
 
     Kernel gradient: patches^T . g, with the patches kept from the forward;
     input gradient: XLA's forward convolution of g with the flipped kernel
-    rather than g . w^T spread back over the patches (a chain of k*k padded
-    adds that XLA:CPU runs far below memory speed)."""
-    return _im2col_fwd(x, w)[0]
+    (back padding k - 1 - p, so only the unpadded input's gradient is
+    computed) rather than g . w^T spread back over the patches (a chain of
+    k*k padded adds that XLA:CPU runs far below memory speed)."""
+    return _im2col_fwd(x, w, padding)[0]
 
 
-def _im2col_fwd(x, w):
+def _im2col_fwd(x, w, padding):
     kh, kw, ci, co = w.shape
-    cols = patches(x, (kh, kw), (1, 1), ((0, 0), (0, 0)))
+    if any(p > k - 1 for k, pad in zip((kh, kw), padding) for p in pad):
+        raise ValueError(f"im2col_conv: padding {padding} exceeds kernel size - 1 ({kh}x{kw})")
+    cols = patches(x, (kh, kw), (1, 1), padding)
     n, ho, wo, k = cols.shape
     cols = cols.reshape(n * ho * wo, k)
     y = _dot(cols, w.reshape(k, co), (1, 0), None).astype(x.dtype).reshape(n, ho, wo, co)
     return y, (cols, w)
 
 
-def _im2col_bwd(res, g):
+def _im2col_bwd(padding, res, g):
     cols, w = res
     kh, kw, ci, co = w.shape
+    (pt, pb), (pl, pr) = padding
     d_w = _dot(cols, g.reshape(-1, co).astype(cols.dtype), (0, 0), None).reshape(w.shape)
     w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype)
-    d_x = _plain(g, w_t, (1, 1), ((kh - 1, kh - 1), (kw - 1, kw - 1)), None)
+    d_x = _plain(g, w_t, (1, 1), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)), None)
     return d_x.astype(cols.dtype), d_w.astype(w.dtype)
 
 

@@ -138,11 +138,11 @@ class Conv2d(nn.Module):
         if impl == "xla":
             y = _lax_conv(x, w, self.stride, p)
         else:
-            if p:
-                x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-            if self.stride == 1 and k > 1:
-                y = fastconv.im2col_conv(x, w)
+            if self.stride == 1 and k > 1 and p < k:
+                y = fastconv.im2col_conv(x, w, ((p, p), (p, p)))
             else:
+                if p:
+                    x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
                 y = jnp.dot(im2col(x, k, self.stride), w.reshape(k * k * cin, features))
         return y + b.astype(self.dtype)
 
