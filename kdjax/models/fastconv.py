@@ -72,13 +72,32 @@ def _out_hw(lhs_shape, kernel_hw, strides, padding):
                  for i in range(2))
 
 
+def _patch_matrix(lhs, kernel_hw, strides, padding):
+    """The (M, kh*kw*I) im2col matrix (M = N * Ho * Wo) and (N, Ho, Wo)."""
+    cols = patches(lhs, kernel_hw, strides, padding)
+    n, ho, wo, k = cols.shape
+    return cols.reshape(n * ho * wo, k), (n, ho, wo)
+
+
+def _back_pad(kernel_hw, padding):
+    """Padding of a stride-1 convolution's input gradient written as a forward
+    convolution: k - 1 - p on each side."""
+    return tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel_hw, padding))
+
+
+def _input_grad_flipped(g, rhs, padding, precision):
+    """d(sum(g * conv(x, w)))/dx of a stride-1 convolution as the forward
+    convolution it is (flipped kernel, in/out swapped, back padding k - 1 - p):
+    XLA:CPU's fast forward path, not its transpose form."""
+    w_t = jnp.flip(rhs, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype)
+    return _plain(g, w_t, (1, 1), _back_pad(rhs.shape[:2], padding), precision)
+
+
 def _im2col(lhs, rhs, strides, padding, precision):
     """The convolution as one matmul: (M, kh*kw*I) patches times the (kh*kw*I, O) kernel."""
     kh, kw, ci, co = rhs.shape
-    n = lhs.shape[0]
-    cols = patches(lhs, (kh, kw), strides, padding)
-    ho, wo = cols.shape[1:3]
-    y = lax.dot_general(cols.reshape(n * ho * wo, kh * kw * ci), rhs.reshape(kh * kw * ci, co),
+    cols, (n, ho, wo) = _patch_matrix(lhs, (kh, kw), strides, padding)
+    y = lax.dot_general(cols, rhs.reshape(kh * kw * ci, co),
                         (((1,), (0,)), ((), ())), precision=precision)
     return y.reshape(n, ho, wo, co)
 
@@ -192,14 +211,9 @@ def input_grad_matmul(g, rhs, lhs_shape, strides, padding, precision=None):
 
 def _conv_bwd(strides, padding, precision, im2col, res, g):
     lhs, rhs = res
-    kh, kw = rhs.shape[:2]
-    (pt, pb), (pl, pr) = padding
-    back_pad = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
-    if not im2col and tuple(strides) == (1, 1) and min(min(p) for p in back_pad) >= 0:
-        # The input gradient as the forward convolution it is (flipped kernel,
-        # in/out swapped): XLA:CPU's fast forward path, not its transpose form.
-        w_t = jnp.flip(rhs, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype)
-        d_lhs = _plain(g, w_t, (1, 1), back_pad, precision).astype(lhs.dtype)
+    if (not im2col and tuple(strides) == (1, 1)
+            and min(min(p) for p in _back_pad(rhs.shape[:2], padding)) >= 0):
+        d_lhs = _input_grad_flipped(g, rhs, padding, precision).astype(lhs.dtype)
     else:
         d_lhs = input_grad_matmul(g, rhs, lhs.shape, strides, padding, precision)
     d_rhs = kernel_grad(lhs, g.astype(lhs.dtype), rhs.shape[:2], strides, padding, precision)
@@ -224,22 +238,17 @@ def im2col_conv(x, w, padding=((0, 0), (0, 0))):
 
 def _im2col_fwd(x, w, padding):
     kh, kw, ci, co = w.shape
-    if any(p > k - 1 for k, pad in zip((kh, kw), padding) for p in pad):
+    if min(min(p) for p in _back_pad((kh, kw), padding)) < 0:
         raise ValueError(f"im2col_conv: padding {padding} exceeds kernel size - 1 ({kh}x{kw})")
-    cols = patches(x, (kh, kw), (1, 1), padding)
-    n, ho, wo, k = cols.shape
-    cols = cols.reshape(n * ho * wo, k)
-    y = _dot(cols, w.reshape(k, co), (1, 0), None).astype(x.dtype).reshape(n, ho, wo, co)
-    return y, (cols, w)
+    cols, (n, ho, wo) = _patch_matrix(x, (kh, kw), (1, 1), padding)
+    y = _dot(cols, w.reshape(kh * kw * ci, co), (1, 0), None).astype(x.dtype)
+    return y.reshape(n, ho, wo, co), (cols, w)
 
 
 def _im2col_bwd(padding, res, g):
     cols, w = res
-    kh, kw, ci, co = w.shape
-    (pt, pb), (pl, pr) = padding
-    d_w = _dot(cols, g.reshape(-1, co).astype(cols.dtype), (0, 0), None).reshape(w.shape)
-    w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype)
-    d_x = _plain(g, w_t, (1, 1), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)), None)
+    d_w = _dot(cols, g.reshape(-1, w.shape[-1]).astype(cols.dtype), (0, 0), None).reshape(w.shape)
+    d_x = _input_grad_flipped(g, w, padding, None)
     return d_x.astype(cols.dtype), d_w.astype(w.dtype)
 
 
