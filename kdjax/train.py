@@ -34,7 +34,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kdjax import config as config_lib
-from kdjax import ops
+from kdjax import ops, xla
 from kdjax.methods import get_method
 
 log = logging.getLogger("kdjax")
@@ -244,7 +244,7 @@ def make_train_fn(method, tx, mesh: Mesh, batch: int, n_steps: int):
                                                  length=n_steps)
         return ts, metrics
 
-    return jax.jit(run, donate_argnums=(0,))
+    return xla.jit(run, donate_argnums=(0,))
 
 
 def build_teacher_cache(config, method, frozen, images: np.ndarray, mesh: Mesh):
@@ -272,7 +272,7 @@ def build_teacher_cache(config, method, frozen, images: np.ndarray, mesh: Mesh):
         return None
     # Replicated output: every process can read it (several hosts included).
     repl = NamedSharding(mesh, P())
-    fn = jax.jit(lambda f, x: method.teacher_cache(f, ops.normalize_images(x)),
+    fn = xla.jit(lambda f, x: method.teacher_cache(f, ops.normalize_images(x)),
                  out_shardings=repl)
     host = map_batches(lambda x: fn(frozen, x), images, int(config.eval.batch_size), mesh)
     log.info("Teacher cache: %.2f GiB for %d training images (train.cache_teacher).", gb, n)
@@ -434,7 +434,7 @@ def make_maps_fn(method, mesh: Mesh, batch: int):
         images = jax.lax.with_sharding_constraint(ops.normalize_images(images_u8), in_sh)
         return method.maps(params, state, frozen, images)
 
-    return jax.jit(run, out_shardings=out_sh)
+    return xla.jit(run, out_shardings=out_sh)
 
 
 def map_batches(fn, images: np.ndarray, batch: int, mesh: Mesh):
@@ -496,7 +496,7 @@ def final_maps(method, components: Dict[str, np.ndarray], weights: Dict[str, flo
     maps = combine_maps(components, weights, norm)
     if type(method).finish_maps is Method.finish_maps:
         return maps
-    finish = jax.jit(method.finish_maps, static_argnums=1)
+    finish = xla.jit(method.finish_maps, static_argnums=1)
     out = [np.asarray(jax.device_get(finish(jnp.asarray(maps[i:i + 64]), (size, size))))
            for i in range(0, len(maps), 64)]
     return np.concatenate(out, 0).astype(np.float32)

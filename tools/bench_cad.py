@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from kdjax import losses  # noqa: E402
+from kdjax import losses, xla  # noqa: E402
 from kdjax.config import load_config  # noqa: E402
 from kdjax.methods.cad import CAD  # noqa: E402
 
@@ -120,7 +120,7 @@ def main():
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), state, opt, loss
 
-    jstep = jax.jit(step, donate_argnums=(0, 1, 2))
+    jstep = xla.jit(step, donate_argnums=(0, 1, 2))
     images = jax.random.normal(jax.random.key(1), (args.batch, args.size, args.size, 3))
     t0 = time.time()
     compiled = jstep.lower(params, state, opt, images, jax.random.key(2)).compile()
@@ -147,7 +147,7 @@ def main():
         print(f"train: {report['train_images_per_s']:.3f} images/s ({report['train_step_s']:.2f} "
               f"s/step, {report['train_gflops_per_s']:.1f} GFLOP/s)", flush=True)
 
-    jmaps = jax.jit(method.maps)
+    jmaps = xla.jit(method.maps)
     cm = jmaps.lower(params, state, frozen, images).compile()
     report["infer_memory"] = mem_stats(cm)
     report["infer_flops_per_batch"] = flops_of(cm)
@@ -173,7 +173,7 @@ def main():
             u, o = rtx.update(g, o, p)
             return optax.apply_updates(p, u), s, o, l
 
-        rc = jax.jit(rstep).lower(spec(rv["params"]), spec(rv["state"]),
+        rc = xla.jit(rstep).lower(spec(rv["params"]), spec(rv["state"]),
                                   jax.eval_shape(rtx.init, rv["params"]), images,
                                   jax.random.key(0)).compile()
         report["rd4ad_train_flops_per_step"] = flops_of(rc)
@@ -193,7 +193,7 @@ def main():
         for name, fn in (("chunked", lambda t, s: losses.affinity_loss(t, s, **kw)),
                          ("direct", lambda t, s: losses.affinity_loss_direct(
                              t, s, kw["distance"], kw["precision"]))):
-            g = jax.jit(jax.grad(fn, argnums=1)).lower(f, f).compile()
+            g = xla.jit(jax.grad(fn, argnums=1)).lower(f, f).compile()
             aff[name] = mem_stats(g)
         report["affinity_grad_memory"] = {"tap": tap, "shape": list(f.shape), **aff}
         print(f"affinity grad at {tap} {tuple(f.shape)}: chunked temp "

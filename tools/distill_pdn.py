@@ -162,7 +162,7 @@ def main(argv=None):
     import jax.numpy as jnp
     import optax
 
-    from kdjax import weights
+    from kdjax import weights, xla
     from kdjax.models.pdn import PDN
 
     if args.width_divisor != 1 and args.extractor_weights != "random":
@@ -178,7 +178,8 @@ def main(argv=None):
                                                 jnp.float32))
     c2, c3 = probe["layer2"].shape[-1], probe["layer3"].shape[-1]
     a2, a3 = projection_matrices(c2, c3)
-    embed = jax.jit(make_embed(extractor, a2, a3))
+    embed_fn = make_embed(extractor, a2, a3)  # traced inside the training step
+    embed = xla.jit(embed_fn)
 
     # Target channel statistics (two passes over the same images, as the reference).
     n_batches = max(1, math.ceil(args.norm_images / args.batch))
@@ -211,9 +212,9 @@ def main(argv=None):
                      optax.scale_by_learning_rate(args.lr))
     opt = tx.init(params)
 
-    @jax.jit
+    @xla.jit
     def step(params, opt, big, small):
-        target = (embed(ext_vars, big) - mean_j) / std_j
+        target = (embed_fn(ext_vars, big) - mean_j) / std_j
 
         def loss_fn(p):
             return jnp.mean((target - pdn.apply({"params": p}, small)) ** 2)

@@ -52,7 +52,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from kdjax import ops
+from kdjax import ops, xla
 from kdjax.methods.base import Method
 from kdjax.models.pdn import CONV_IMPLS, PDN, Autoencoder, pdn_output_size
 
@@ -427,7 +427,7 @@ class EfficientAD(Method):
         # One compiled initializer for student and autoencoder (and a random teacher).
         random_teacher = str(self.config.teacher.weights) == "random"
 
-        @jax.jit
+        @xla.jit
         def init_all(k_s, k_a, k_t):
             out = {"student": self.student.init(k_s, dummy)["params"],
                    "ae": self.ae.init(k_a, dummy)["params"]}
@@ -470,7 +470,7 @@ class EfficientAD(Method):
         reference; accumulated per image in float64 on the host."""
         teacher_vars = variables["frozen"]["teacher"]
 
-        @jax.jit
+        @xla.jit
         def stats(v, x, m):  # one compiled function serves both passes
             t = self.teacher.apply(v, x).astype(jnp.float32)
             return jnp.mean(t, axis=(1, 2)), jnp.mean((t - m) ** 2, axis=(1, 2))
