@@ -12,6 +12,10 @@ YNNPACK. The values are the same up to float summation order.
 ``KDJAX_XLA_CPU_OPTIONS=default`` in the environment keeps XLA's defaults. A
 jaxlib that does not know these options (they are experimental) gets its
 defaults too, with one log line. Other backends are never given options.
+
+jax accepts compiler options only on a top-level jit: a function made by
+:func:`jit` cannot be called inside another jitted function (jax raises a
+ValueError). Trace the undecorated function there instead.
 """
 
 from __future__ import annotations
