@@ -85,6 +85,12 @@ def _back_pad(kernel_hw, padding):
     return tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel_hw, padding))
 
 
+def _back_pad_fits(kernel_hw, padding) -> bool:
+    """Whether every side's padding is at most k - 1, i.e. the back padding is
+    not negative (the flipped-kernel input gradient applies)."""
+    return min(min(p) for p in _back_pad(kernel_hw, padding)) >= 0
+
+
 def _input_grad_flipped(g, rhs, padding, precision):
     """d(sum(g * conv(x, w)))/dx of a stride-1 convolution as the forward
     convolution it is (flipped kernel, in/out swapped, back padding k - 1 - p):
@@ -211,8 +217,7 @@ def input_grad_matmul(g, rhs, lhs_shape, strides, padding, precision=None):
 
 def _conv_bwd(strides, padding, precision, im2col, res, g):
     lhs, rhs = res
-    if (not im2col and tuple(strides) == (1, 1)
-            and min(min(p) for p in _back_pad(rhs.shape[:2], padding)) >= 0):
+    if not im2col and tuple(strides) == (1, 1) and _back_pad_fits(rhs.shape[:2], padding):
         d_lhs = _input_grad_flipped(g, rhs, padding, precision).astype(lhs.dtype)
     else:
         d_lhs = input_grad_matmul(g, rhs, lhs.shape, strides, padding, precision)
@@ -238,7 +243,7 @@ def im2col_conv(x, w, padding=((0, 0), (0, 0))):
 
 def _im2col_fwd(x, w, padding):
     kh, kw, ci, co = w.shape
-    if min(min(p) for p in _back_pad((kh, kw), padding)) < 0:
+    if not _back_pad_fits((kh, kw), padding):
         raise ValueError(f"im2col_conv: padding {padding} exceeds kernel size - 1 ({kh}x{kw})")
     cols, (n, ho, wo) = _patch_matrix(x, (kh, kw), (1, 1), padding)
     y = _dot(cols, w.reshape(kh * kw * ci, co), (1, 0), None).astype(x.dtype)
