@@ -248,3 +248,164 @@ def test_auto_without_network_fails_fast(tmp_path, monkeypatch):
         W.load_teacher("pdn_small", "auto")
     with pytest.raises(ValueError, match="unknown teacher architecture"):
         W.load_teacher("vgg16", "random")
+
+
+# ----------------------------------------------------------------- provenance
+
+
+def _sha(path):
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_teacher_provenance_random_and_files(tmp_path, monkeypatch):
+    rec = W.teacher_provenance("wide_resnet50_2", "random", 16)
+    assert rec == {"arch": "wide_resnet50_2", "source": "random", "file": None, "sha256": None,
+                   "width_divisor": 16}
+    W.check_provenance(rec)  # nothing to check
+    pth = tmp_path / "teacher.pth"
+    shutil.copy(g("pdn_s_d8.pth"), pth)
+    monkeypatch.chdir(tmp_path)
+    rec = W.teacher_provenance("pdn_small", "teacher.pth", 8)  # relative path: recorded absolute
+    assert rec == {"arch": "pdn_small", "source": "teacher.pth", "file": str(pth), "sha256": _sha(pth),
+                   "width_divisor": 8}
+    npz = tmp_path / "port.npz"
+    npz.write_bytes(b"stand-in port")
+    rec_npz = W.teacher_provenance("resnet18", str(npz))
+    assert rec_npz["file"] == str(npz) and rec_npz["sha256"] == _sha(npz)
+    import json
+    json.dumps(rec)  # recordable as is
+    W.check_provenance(rec)
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        W.teacher_provenance("pdn_small", str(tmp_path / "nope.pth"))
+
+
+def test_teacher_provenance_auto_downloads_nothing(tmp_path, monkeypatch):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KDJAX_CACHE", str(cache))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("KDJAX_WEIGHTS_BASE_URL", f"http://127.0.0.1:{port}/models/")
+    for arch in ("wide_resnet50_2", "pdn_small"):
+        rec = W.teacher_provenance(arch, "auto")
+        assert rec == {"arch": arch, "source": "auto", "file": None, "sha256": None, "width_divisor": 1}
+    assert not cache.exists()
+    # a cached .pth, then the port "auto" prefers
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / "resnet18-f37072fd.pth").write_bytes(b"stand-in pth")
+    rec = W.teacher_provenance("resnet18", "auto")
+    assert rec["file"] == str(hub / "resnet18-f37072fd.pth") and rec["sha256"] == _sha(rec["file"])
+    cache.mkdir()
+    (cache / "resnet18-f37072fd.kdjax.npz").write_bytes(b"stand-in port")
+    rec = W.teacher_provenance("resnet18", "auto")
+    assert rec["file"] == str(cache / "resnet18-f37072fd.kdjax.npz")
+    assert rec["sha256"] == _sha(rec["file"])
+    with pytest.raises(ValueError, match="unknown teacher architecture"):
+        W.teacher_provenance("vgg16", "auto")
+
+
+def test_check_provenance_changed_or_missing(tmp_path):
+    f = tmp_path / "teacher.npz"
+    f.write_bytes(b"the weights it was trained with")
+    rec = W.teacher_provenance("resnet18", str(f))
+    old = rec["sha256"]
+    f.write_bytes(b"other weights")
+    with pytest.raises(ValueError) as e:
+        W.check_provenance(rec)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for part in (str(f), old, _sha(f), "the teacher weights changed since this model was trained",
+                 f"restore {f} or retrain"):
+        assert part in msg, (part, msg)
+    f.unlink()
+    with pytest.raises(ValueError) as e:
+        W.check_provenance(rec)
+    msg = str(e.value)
+    assert "\n" not in msg and str(f) in msg and "missing" in msg and "retrain" in msg, msg
+
+
+# ----------------------------------------------------------------- reference EfficientAD
+
+EAD = {"model_size": "S", "out_channels": 48, "channels_divisor": 8}  # tools/make_golden.py
+
+
+def _efficientad_inputs():
+    """tools/make_golden.py efficientad_inputs() (drawn again: numpy's RandomState is stable)."""
+    x_pdn = np.random.RandomState(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    x_ae = np.random.RandomState(1).standard_normal((1, 256, 256, 3)).astype(np.float32)
+    return x_pdn, x_ae
+
+
+def _efficientad_outputs(variables):
+    """Outputs of the modules kdjax.methods.efficientad builds (channels 48 // 8, divisor 8)."""
+    from kdjax.models.pdn import PDN, Autoencoder, pdn_output_size
+
+    c, d = EAD["out_channels"] // EAD["channels_divisor"], EAD["channels_divisor"]
+    x_pdn, x_ae = _efficientad_inputs()
+    mods = {"teacher": (PDN("S", c, width_divisor=d), x_pdn),
+            "student": (PDN("S", 2 * c, width_divisor=d), x_pdn),
+            "ae": (Autoencoder(c, pdn_output_size(256, "S"), width_divisor=d), x_ae)}
+    out = {}
+    for role, (module, x) in mods.items():
+        init = jax.eval_shape(module.init, jax.random.PRNGKey(0), x[:1])
+        assert (jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(variables[role])), role
+        for a, b in zip(jax.tree_util.tree_leaves(init), jax.tree_util.tree_leaves(variables[role])):
+            assert a.shape == b.shape and b.dtype == np.float32, role
+        out[role] = np.asarray(jax.jit(module.apply)(variables[role], x))
+    return out
+
+
+def test_reference_efficientad_matches_torch(tmp_path):
+    ref = np.load(g("efficientad_ref_s_d8.npz"))
+    x_pdn, x_ae = _efficientad_inputs()
+    np.testing.assert_array_equal(x_pdn.ravel()[:16], ref["x_pdn_head"])
+    np.testing.assert_array_equal(x_ae.ravel()[:16], ref["x_ae_head"])
+    variables = W.load_reference_efficientad(g("efficientad_ref_s_d8"), **EAD)
+    assert set(variables) == {"teacher", "student", "ae"}
+    assert all(set(v) == {"params"} for v in variables.values())
+    out = _efficientad_outputs(variables)
+    for role, name in (("teacher", "teacher"), ("student", "student"), ("ae", "autoencoder")):
+        assert out[role].shape == ref[name].shape, role
+        err = float(np.abs(out[role] - ref[name]).max())
+        print(f"efficientad {role}: max abs deviation {err:.2e}")
+        assert err <= 1e-5, (role, err)
+    # whole pickled modules under the names the reference efficientad.py writes
+    d = tmp_path / "run"
+    d.mkdir()
+    shutil.copy(g("efficientad_ref_s_d8/teacher.pth"), d / "teacher_final.pth")
+    shutil.copy(g("efficientad_ref_s_d8/student.pth"), d / "student_final.pth")
+    shutil.copy(g("efficientad_ref_s_d8_autoencoder_whole.pth"), d / "autoencoder_final.pth")
+    whole = W.load_reference_efficientad(d, **EAD)
+    for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(whole)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_reference_efficientad_errors(tmp_path):
+    src = g("efficientad_ref_s_d8")
+    with pytest.raises(ValueError) as e:  # the medium architecture on small files
+        W.load_reference_efficientad(src, "M", 48, 8)
+    msg = str(e.value)
+    assert os.path.join(src, "teacher.pth") in msg and "'0.weight'" in msg and "(32, 3, 4, 4)" in msg, msg
+    assert "get_pdn_medium(6)" in msg and "\n" not in msg
+    with pytest.raises(ValueError, match=r"teacher\.pth.*'8\.weight'.*\(48, 32, 4, 4\)"):
+        W.load_reference_efficientad(src, "S", 384, 8)  # 48 output channels expected, 6 there
+    d = tmp_path / "run"
+    d.mkdir()
+    for name in ("teacher.pth", "student.pth"):
+        shutil.copy(os.path.join(src, name), d / name)
+    with pytest.raises(ValueError) as e:
+        W.load_reference_efficientad(d, **EAD)
+    msg = str(e.value)
+    assert str(d / "autoencoder.pth") in msg and "missing" in msg and "get_autoencoder(6)" in msg, msg
+    shutil.copy(os.path.join(src, "student.pth"), d / "autoencoder.pth")  # a PDN where the AE belongs
+    with pytest.raises(ValueError, match=r"autoencoder\.pth \(EfficientAD-S ae\)"):
+        W.load_reference_efficientad(d, **EAD)
+    with pytest.raises(ValueError, match="not a directory"):
+        W.load_reference_efficientad(os.path.join(src, "teacher.pth"), **EAD)
+    with pytest.raises(ValueError, match="channels_divisor"):
+        W.load_reference_efficientad(src, "S", 48, 5)

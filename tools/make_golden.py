@@ -21,7 +21,21 @@ statistics, in eval mode:
   nn.Sequential, as torch.save(model) writes it), ``pdn_m_d16.pth`` and
   ``pdn.npz`` with inputs and outputs;
 * ``misc.pth`` / ``misc.npz``: float16, bfloat16, 0-d, non-contiguous and
-  storage-offset tensors in a nested dict, with their expected values.
+  storage-offset tensors in a nested dict, with their expected values;
+* ``efficientad_ref_s_d8/{teacher,student,autoencoder}.pth``: state dicts of
+  the reference EfficientAD-S teacher (``get_pdn_small(c)``), student
+  (``get_pdn_small(2 c)``) and autoencoder (``get_autoencoder(c)``) of
+  nelson1425/EfficientAD ``common.py`` with every width divided by 8 and
+  c = 48 / 8 = 6 output channels (He-normal weights, the last layer's / 5, N(0, 0.1) biases, eval mode);
+  ``efficientad_ref_s_d8_autoencoder_whole.pth`` the same autoencoder as a
+  whole pickled nn.Sequential (``torch.save(autoencoder)``, as the
+  reference's efficientad.py saves it); ``efficientad_ref_s_d8.npz`` their
+  NHWC outputs on :func:`efficientad_inputs` (numpy RandomState inputs, not
+  stored: the test draws them again; ``x_pdn_head`` / ``x_ae_head`` hold their
+  first values as a check).
+
+``--only efficientad`` writes only the EfficientAD files (the others stay
+byte for byte as they are).
 
 (``tests/golden/reference_keys_*.txt`` are not generated here: they are
 copies of the spec's reference_checkpoints/*.txt, the full-width key names
@@ -211,12 +225,75 @@ def pdn(size, d, out_channels):
         nn.Conv2d(c2, out_channels, 4), nn.ReLU(inplace=True), nn.Conv2d(out_channels, out_channels, 1))
 
 
+def autoencoder(d, out_channels):
+    """Reference EfficientAD ``get_autoencoder(out_channels)`` with the widths 32/64 divided by ``d``.
+
+    Same nn.Sequential indices as common.py (convolutions at 0, 2, ..., 10, 12, 16, ..., 36, 38);
+    the code convolution keeps its 8x8 kernel (256x256 inputs).
+    """
+    c32, c64 = 32 // d, 64 // d
+    layers = []
+    for i, o in ((3, c32), (c32, c32), (c32, c64), (c64, c64), (c64, c64)):
+        layers += [nn.Conv2d(i, o, kernel_size=4, stride=2, padding=1), nn.ReLU(inplace=True)]
+    layers.append(nn.Conv2d(c64, c64, kernel_size=8))
+    for size in (3, 8, 15, 32, 63, 127):
+        layers += [nn.Upsample(size=size, mode="bilinear"),
+                   nn.Conv2d(c64, c64, kernel_size=4, stride=1, padding=2), nn.ReLU(inplace=True),
+                   nn.Dropout(0.2)]
+    layers += [nn.Upsample(size=56, mode="bilinear"),
+               nn.Conv2d(c64, c64, kernel_size=3, stride=1, padding=1), nn.ReLU(inplace=True),
+               nn.Conv2d(c64, out_channels, kernel_size=3, stride=1, padding=1)]
+    return nn.Sequential(*layers)
+
+
+EFFICIENTAD_D, EFFICIENTAD_OUT_CHANNELS = 8, 48
+
+
+def efficientad_inputs():
+    """NHWC float32 inputs of the EfficientAD golden files (drawn again by tests/test_weights.py)."""
+    x_pdn = np.random.RandomState(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    x_ae = np.random.RandomState(1).standard_normal((1, 256, 256, 3)).astype(np.float32)
+    return x_pdn, x_ae
+
+
+def write_efficientad(out):
+    """The reference EfficientAD-S teacher / student / autoencoder files (see the module doc)."""
+    d, c = EFFICIENTAD_D, EFFICIENTAD_OUT_CHANNELS // EFFICIENTAD_D
+    torch.manual_seed(1425)
+    nets = {"teacher": pdn("S", d, c), "student": pdn("S", d, 2 * c), "autoencoder": autoencoder(d, c)}
+    for net in nets.values():  # He-normal weights, random biases: every layer moves the output
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.normal_(m.bias, std=0.1)
+        last = [m for m in net.modules() if isinstance(m, nn.Conv2d)][-1]
+        last.weight.data *= 0.2  # outputs of about 0.5: float32 rounding stays well under 1e-5
+    x_pdn, x_ae = efficientad_inputs()
+    res = {"x_pdn_head": x_pdn.ravel()[:16], "x_ae_head": x_ae.ravel()[:16]}
+    folder = out("efficientad_ref_s_d8")
+    os.makedirs(folder, exist_ok=True)
+    for name, net in nets.items():
+        net.eval()
+        x = x_ae if name == "autoencoder" else x_pdn
+        with torch.no_grad():
+            res[name] = nhwc(net(torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))))
+        torch.save(net.state_dict(), os.path.join(folder, f"{name}.pth"))
+    torch.save(nets["autoencoder"], out("efficientad_ref_s_d8_autoencoder_whole.pth"))
+    np.savez(out("efficientad_ref_s_d8.npz"), **res)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "golden"))
+    ap.add_argument("--only", choices=("all", "efficientad"), default="all",
+                    help="'efficientad': write only the reference EfficientAD files")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     out = lambda name: os.path.join(args.out, name)  # noqa: E731
+    if args.only == "efficientad":
+        write_efficientad(out)
+        print(f"wrote the EfficientAD files to {os.path.abspath(args.out)}")
+        return
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64, generator=gen)
@@ -291,6 +368,7 @@ def main():
     np.savez(out("misc.npz"), half=sd["half"].float().numpy(), bf16=sd["bf16"].float().numpy(),
              scalar=sd["scalar"].numpy(), transposed=sd["transposed"].numpy(),
              offset=sd["offset"].numpy(), long=sd["long"].numpy(), nested_a=sd["nested"]["a"].numpy())
+    write_efficientad(out)
     total = sum(os.path.getsize(out(f)) for f in os.listdir(args.out))
     print(f"wrote {len(os.listdir(args.out))} files, {total / 1e6:.2f} MB, to {os.path.abspath(args.out)}")
 
