@@ -1,6 +1,6 @@
 """Evaluation metrics on the host (numpy / scipy / scikit-learn).
 
-Definitions follow /work/shared/spec/METRICS.md:
+Definitions follow docs/METRICS.md:
 
 * ``image_auroc``, ``f1_max``: image level, image score = max of the map.
 * ``pixel_auroc``: over all pixels of all images (exact Mann-Whitney statistic,
@@ -101,14 +101,24 @@ def check_same_shapes(masks: List[np.ndarray], maps: List[np.ndarray],
 
 
 def binarize_mask(mask: np.ndarray, index: int = 0) -> np.ndarray:
-    """bool masks unchanged; {0,1} or [0,1]-valued masks -> mask > 0.5 (RD4AD's rule)."""
+    """Ground-truth mask -> bool (True = defect pixel).
+
+    bool: unchanged. Integer (any width, e.g. 0/255 uint8 PNG masks or 0/1
+    labels): non-zero = defect. Float: values in [0, 1] (a bilinearly resized
+    mask) binarized at 0.5, RD4AD's ``gt > 0.5``; a float mask with values above
+    1 is refused, since it is ambiguous (a 0/255 mask converted to float, or a
+    resized one?): pass it as an integer array or divide it by 255.
+    """
     mask = np.asarray(mask)
     if mask.dtype == bool:
         return mask
-    if mask.size and mask.max() > 1:
+    if np.issubdtype(mask.dtype, np.integer):
+        return mask != 0
+    if mask.size and np.nanmax(mask) > 1:
         raise ValueError(
-            f"Ground-truth mask {index} has values up to {mask.max()}: masks must be bool or "
-            "in [0, 1] (divide 8-bit PNG masks by 255).")
+            f"Ground-truth mask {index} is a float mask with values up to {np.nanmax(mask)}: "
+            "float masks must lie in [0, 1] (binarized at 0.5). Pass 8-bit PNG masks as "
+            "integers (non-zero = defect) or divide them by 255.")
     return mask > 0.5
 
 
@@ -296,7 +306,8 @@ def _auroc_from_values(neg_sorted: np.ndarray, pos: np.ndarray) -> float:
 
 
 def pixel_auroc(masks, maps, names: Optional[Sequence[str]] = None) -> float:
-    """Pixel AUROC over all pixels of all images (masks: 0 = good pixel)."""
+    """Pixel AUROC over all pixels of all images (masks: 0 = good pixel; any
+    bool or integer mask, non-zero = defect, or float in [0, 1]: ``binarize_mask``)."""
     masks, maps = _prepare_pixel(masks, maps, names)
     pos = np.concatenate([a[m] for m, a in zip(masks, maps)])
     neg = np.concatenate([a[~m] for m, a in zip(masks, maps)])
@@ -323,7 +334,8 @@ def au_pro(masks, maps, fpr_limit: float = 0.3,
            names: Optional[Sequence[str]] = None) -> float:
     """Official MVTec AD AU-PRO (dataset level), exact over every distinct score.
 
-    masks (N, H, W) with 0 = good pixel (bool, {0,1} or [0,1] binarized at 0.5);
+    masks (N, H, W) with 0 = good pixel (bool; integer, non-zero = defect, e.g.
+    0/255 PNG masks; float in [0, 1] binarized at 0.5: ``binarize_mask``);
     maps (N, H, W) float. Components: 8-connected (scipy.ndimage.label with a
     3x3 structure). FPR over all defect-free pixels of all images; PRO = mean
     over all components of the fraction with map >= t. Trapezoid over FPR in
@@ -350,7 +362,7 @@ def rd4ad_compute_pro(masks: np.ndarray, amaps: np.ndarray, num_th: int = 200) -
     from sklearn.metrics import auc
 
     amaps = np.asarray(amaps)
-    masks = np.asarray(masks).astype(bool)
+    masks = binarize_mask(masks)
     min_th, max_th = amaps.min(), amaps.max()
     if not max_th > min_th:
         log.warning("Per-image AU-PRO undefined (NaN) for a constant anomaly map.")

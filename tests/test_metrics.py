@@ -350,6 +350,38 @@ def test_mvtec_ad_bundle_and_list_input():
 
 
 # ---------------------------------------------------------------------------
+# Mask encodings
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.int64, np.uint16])
+def test_integer_masks_nonzero_is_defect(dtype):
+    """0/255 PNG masks (and any other non-zero defect value) give the values of 0/1 masks."""
+    rng = np.random.default_rng(11)
+    masks = _masks(rng, 6)  # 0/1 uint8
+    maps = _maps(rng, masks, 4)
+    want = {"pro": M.au_pro(masks, maps), "pix": M.pixel_auroc(masks, maps),
+            "ppi": M.au_pro_per_image(masks, maps)}
+    _close(want["pro"], ref_au_pro(masks, maps))  # the 0/1 values are the reference's
+    _close(want["pix"], roc_auc_score(masks.ravel(), maps.ravel()))
+    for scale in (255, 7):
+        m = masks.astype(dtype) * dtype(scale)
+        assert M.au_pro(m, maps) == want["pro"]
+        assert M.pixel_auroc(m, maps) == want["pix"]
+        assert M.au_pro_per_image(m, maps) == want["ppi"]
+        got = M.mvtec_ad_metrics(maps, (masks.reshape(6, -1).max(1) > 0).astype(int), m)
+        assert got["au_pro"] == want["pro"] and got["pixel_auroc"] == want["pix"]
+        assert got["au_pro_per_image"] == want["ppi"]
+        assert M.rd4ad_compute_pro(m[-1][None], maps[-1][None]) == \
+            M.rd4ad_compute_pro(masks[-1][None], maps[-1][None])
+    # bool masks, and float masks in [0, 1] binarized at 0.5 (bilinearly resized masks)
+    assert M.au_pro(masks.astype(bool), maps) == want["pro"]
+    soft = masks * 0.8 + (1 - masks) * 0.3
+    assert M.pixel_auroc(soft.astype(np.float32), maps) == want["pix"]
+    np.testing.assert_array_equal(M.binarize_mask(np.array([0, 255, 1, 3], np.uint8)),
+                                  [False, True, True, True])
+
+
+# ---------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------
 
@@ -366,8 +398,8 @@ def test_bad_input_messages():
     bad[1, 3, 3] = np.inf
     with pytest.raises(ValueError, match="image 1.*inf"):
         M.loco_metrics(bad, [0, 0, 0], [None] * 3, [[], [], []])
-    with pytest.raises(ValueError, match="divide 8-bit"):
-        M.au_pro(np.full((3, 16, 16), 255), maps)
+    with pytest.raises(ValueError, match="divide them by 255"):  # float 0/255: ambiguous
+        M.au_pro(np.full((3, 16, 16), 255.0), maps)
     with pytest.raises(ValueError, match="mask shape"):
         M.au_spro(maps, [[GTRegion(np.ones((8, 8), bool), 1.0, True)], [], []])
     with pytest.raises(ValueError, match="anomaly kind"):
