@@ -12,15 +12,22 @@ margin run:
     python -m kdjax.main --config=configs/loco_margin.py:only --workdir=runs/loco_margin_only \
         --config.data.root=/path/to/mvtec_loco_anomaly_detection
 
-The paper's code is not public. kdjax's reconstruction (METHODS.md "DFSC
+The paper's code is not public. kdjax's reconstruction (docs/METHODS.md "DFSC
 margin"; kdjax/methods/efficientad.py): at each step the positions whose
 channel-mean ||T - A||^2 (teacher vs autoencoder, augmented image) is above
 its ``margin_quantile`` (0.9) over the batch are "distinctive"; on them the
-loss adds ``margin_weight * mean(relu(margin * ||T - A||^2 - ||S_ae - T||^2))``
-(channel means; ``margin_mode="relative"``, margin 1), so the student's
-global branch stays at least as far from the teacher as the autoencoder is
-where the autoencoder cannot reproduce it. (An absolute gap,
-``margin_mode="absolute"``, margin 0.5, was measured never to fire.)
+loss adds ``margin_weight * mean(relu(margin - ||T - A||^2))`` (channel
+means; ``margin_target="autoencoder"``, ``margin_mode="absolute"``, margin 1),
+with gradients into the autoencoder only: the published form, a gap kept
+between the teacher and the autoencoder where the autoencoder's features are
+distinctive. Margin 1 is the channel-mean square of the normalized teacher
+features, i.e. the distance of a prediction of the channel means; it is a
+choice of scale, not a published value (``margin_active`` in the training
+log says how often the hinge fires). The relative gap is degenerate for this
+target (relu((margin - 1) ||T - A||^2)). The earlier student form,
+``mean(relu(margin * ||T - A||^2 - ||S_ae - T||^2))`` with gradients into the
+student's global branch, is ``--config.efficientad.margin_target=student
+--config.efficientad.margin_mode=relative``.
 Everything else is configs/loco_efficientad.py.
 """
 
@@ -37,7 +44,8 @@ def get_config(arg=None):
     c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                  "loco_efficientad.py"))
     c.efficientad.margin_weight = 1.0
-    c.efficientad.margin_mode = "relative"
+    c.efficientad.margin_target = "autoencoder"
+    c.efficientad.margin_mode = "absolute"
     c.efficientad.margin = 1.0
     c.efficientad.margin_quantile = 0.9
     # Paper: +1.3 points of mean LOCO image AUROC over the EfficientAD baseline

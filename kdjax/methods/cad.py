@@ -48,6 +48,11 @@ Loss = RD4AD local loss
   ``affinity_block`` query rows at a time with rematerialization
   (``affinity_precision``: matmul precision, "default" | "high" | "highest").
 
+Optimizer: the engine's (Adam, train.learning_rate and betas) over both
+students; ``global_learning_rate`` (default -1: the same) >= 0 gives the
+global branch its own rate (``optax.multi_transform`` over the "local" and
+"global" parameter groups).
+
 Maps (``map_names = ("local", "global")``):
 - local: RD4AD's map of the local student (sigma ``eval.gaussian_sigma``, 4).
 - global (``global_map`` = "affinity", default): for each tap in
@@ -69,6 +74,7 @@ from typing import Dict
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 from kdjax import losses, ops
 from kdjax.methods.rd4ad import RD4AD, TAPS, rd_anomaly_map
@@ -100,6 +106,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.affinity_precision = "default"  # default | high | highest
     c.global_map = "affinity"  # affinity | cosine | affinity+cosine
     c.global_sigma = -1.0  # < 0: the local map's sigma (eval.gaussian_sigma, default 4)
+    # Learning rate of the global branch (GCCB + global student). < 0: the same
+    # optimizer as the local student (train.learning_rate, train.b1/b2), one Adam over
+    # all parameters; >= 0: the same optimizer kind with this rate for the global
+    # group only (optax.multi_transform over {"local", "global"}).
+    c.global_learning_rate = -1.0
     return c
 
 
@@ -136,6 +147,9 @@ def resolve_config(config) -> ml_collections.ConfigDict:
         raise ValueError(f"cad.affinity_distance={cad.affinity_distance!r}: use 'l1' or 'l2'.")
     if int(cad.affinity_block) < 1:
         raise ValueError("cad.affinity_block must be >= 1 (query rows per block).")
+    if not isinstance(cad.global_learning_rate, (int, float)):
+        raise ValueError(f"cad.global_learning_rate={cad.global_learning_rate!r}: give a number "
+                         "(< 0: train.learning_rate).")
     if len(tuple(cad.decoder_widths)) != 3:
         raise ValueError("cad.decoder_widths needs 3 widths (layer3, layer2, layer1 stages).")
     return cad
@@ -200,6 +214,25 @@ class CAD(RD4AD):
                     precision=c.affinity_precision)
 
     # --- Method contract --------------------------------------------------
+    def optimizer(self, total_steps: int):
+        """The engine's optimizer (``Method.optimizer``: Adam with train.learning_rate
+        and betas, or SGD) over all parameters; with ``cad.global_learning_rate >= 0``
+        the global branch's group gets its own copy of that optimizer at that rate
+        (``optax.multi_transform``; Adam and SGD are per-parameter, so the local
+        group's updates are those of the single optimizer)."""
+        base = super().optimizer(total_steps)
+        glr = float(self.cad.global_learning_rate)
+        if glr < 0:
+            return base
+        t = self.config.train
+        if t.get("optimizer", "adam") == "sgd":
+            global_tx = optax.sgd(glr)
+        else:
+            global_tx = optax.adam(glr, b1=t.get("b1", 0.9), b2=t.get("b2", 0.999))
+        return optax.multi_transform(
+            {"local": base, "global": global_tx},
+            lambda params: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in params.items()})
+
     def init(self, rng, image_shape):
         from kdjax.methods.rd4ad import _seed_of
         from kdjax.models.cad import host_init
@@ -220,6 +253,17 @@ class CAD(RD4AD):
         return {"params": {"local": local["params"], "global": gvars["params"]},
                 "state": {"local": local["state"], "global": {"batch_stats": gvars["batch_stats"]}},
                 "frozen": local["frozen"]}
+
+    def import_reference(self, variables, path):
+        raise ValueError("config.init_from: CAD has no public reference code, so there is no "
+                         "reference checkpoint to import; leave init_from empty.")
+
+    def inference_init(self, image_shape):
+        frozen = super().inference_init(image_shape)
+        dummy = jax.ShapeDtypeStruct((1,) + tuple(image_shape[1:]), self.dtype)
+        shapes = jax.eval_shape(self.teacher.apply, frozen["teacher"], dummy)
+        self.global_branch = self.build_global({k: shapes[k].shape for k in TAPS})
+        return frozen
 
     def loss(self, params, state, frozen, images, rng, cached=None):
         c = self.cad

@@ -1,6 +1,6 @@
 """EfficientAD (Batzner et al., WACV 2024) and the DFSC margin constraint (Lee & Kim 2024).
 
-Recipe: /work/shared/spec/METHODS.md, sections "EfficientAD" and "DFSC margin".
+Recipe: docs/METHODS.md, sections "EfficientAD" and "DFSC margin".
 The reference is the reproduction nelson1425/EfficientAD (``efficientad.py``),
 which this file follows step by step:
 
@@ -22,19 +22,38 @@ which this file follows step by step:
   zero-pads the combined map by 4 pixels and upsamples it bilinearly to the
   input size, as the reference's test loop does.
 
-DFSC margin (kdjax's reconstruction, METHODS.md): on the positions where the
-autoencoder fails to reproduce the teacher, ``||T - A||^2`` above its
-``margin_quantile`` over the batch, add ``mean(relu(gap - ||S_ae - T||^2))``
-with weight ``margin_weight``. Squared distances are channel MEANS (as the
-anomaly maps are). ``margin_mode`` sets the gap: "absolute", ``gap =
-margin``; "relative", ``gap = margin * ||T - A||^2`` at that position (scale
-free: the student's global branch must stay at least ``margin`` times as far
-from the teacher as the autoencoder is there). An absolute margin of 0.5 was
-measured never to fire on the synthetic set (the branch already sits farther
-than that), which is why configs/loco_margin.py uses the relative gap; the
-logged ``margin_active`` is the fraction of distinctive positions whose
-hinge is active. With ``margin_weight == 0`` the term is not even traced:
-training is EfficientAD exactly.
+DFSC margin (Lee & Kim 2024; no code is public, docs/METHODS.md "DFSC
+margin"). At each step the positions where the autoencoder fails to
+reproduce the teacher, channel-mean ``d_ta = ||T - A||^2`` (augmented image)
+strictly above its ``margin_quantile`` over the batch, are "distinctive"; on
+them a hinge is added with weight ``margin_weight``. Squared distances are
+channel MEANS (as the anomaly maps are). ``margin_target`` says which
+distance the hinge keeps from falling below the gap:
+
+* "autoencoder" (the published description: a gap kept between the teacher
+  and the autoencoder's representation of the distinctive features):
+  ``mean(relu(gap - ||T - A||^2))``; its gradient reaches only the
+  autoencoder A (the teacher is stop-gradient; the selection and the gap are
+  constants), keeping A from closing in on the teacher where it is already
+  distinctive, so the global map keeps its contrast there.
+* "student" (kdjax's earlier reconstruction):
+  ``mean(relu(gap - ||S_ae - T||^2))``; its gradient reaches only the
+  student's global branch S_ae, which must not collapse onto the teacher where
+  the autoencoder cannot reproduce it.
+
+``margin_mode`` sets the gap: "absolute", ``gap = margin`` (the distance
+scale of the normalized teacher features, whose channel-mean square is 1);
+"relative", ``gap = margin * d_ta`` at that position (scale free). With the
+"autoencoder" target the relative gap compares ``d_ta`` with a multiple of
+itself, ``relu((margin - 1) * d_ta)``: never active for margin <= 1 and never
+satisfied for margin > 1 (a plain push of A away from T), so use the
+absolute gap there (configs/loco_margin.py does). With the "student" target
+an absolute margin of 0.5 was measured never to fire on the synthetic set
+(the branch already sits farther than that), hence the relative gap the
+earlier configs used. The logged ``margin_active`` is the fraction of
+distinctive positions whose hinge is active. With ``margin_weight == 0`` the
+term is not even traced: training is EfficientAD exactly, whatever the
+target.
 
 Method-specific settings live in ``config.efficientad`` (see
 :func:`default_efficientad_config` for every key and its meaning).
@@ -44,7 +63,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +82,7 @@ _SIZE_ALIASES = {"s": "S", "small": "S", "m": "M", "medium": "M"}
 # torchvision's rgb_to_grayscale weights (tensor path of ColorJitter / RandomGrayscale).
 _GRAY = (0.2989, 0.587, 0.114)
 MARGIN_MODES = ("absolute", "relative")
+MARGIN_TARGETS = ("student", "autoencoder")
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
 
@@ -82,10 +102,16 @@ def default_efficientad_config() -> ml_collections.ConfigDict:
     # gradients are slow) and lax.conv otherwise (inference, GPU, TPU); xla | im2col
     # force one everywhere. Same numbers up to float summation order.
     c.conv_impl = "auto"
-    # DFSC margin (Lee & Kim 2024; kdjax's reconstruction, METHODS.md).
+    # DFSC margin (Lee & Kim 2024; reconstruction, see the module docstring).
     c.margin_weight = 0.0  # w; 0 = EfficientAD exactly
+    # What the hinge keeps at least the gap away from the teacher, on the distinctive
+    # positions: "student" = the student's global branch, relu(gap - ||S_ae - T||^2)
+    # (gradient into the student only); "autoencoder" = the autoencoder,
+    # relu(gap - ||T - A||^2) (gradient into the autoencoder only; the published form).
+    c.margin_target = "student"
     # The hinge's gap: "absolute" = margin, on channel-mean squared distances of
-    # normalized teacher features; "relative" = margin * ||T - A||^2 at that position.
+    # normalized teacher features; "relative" = margin * ||T - A||^2 at that position
+    # (degenerate with margin_target="autoencoder": see the module docstring).
     c.margin_mode = "absolute"
     c.margin = 0.5  # m
     c.margin_quantile = 0.9  # q: positions with ||T - A||^2 above it are "distinctive"
@@ -112,6 +138,15 @@ def efficientad_settings(config) -> ml_collections.ConfigDict:
         raise ValueError("config.efficientad.margin_quantile must be in [0, 1) (e.g. 0.9).")
     if out.margin_mode not in MARGIN_MODES:
         raise ValueError(f"config.efficientad.margin_mode must be one of {MARGIN_MODES}.")
+    if out.margin_target not in MARGIN_TARGETS:
+        raise ValueError(f"config.efficientad.margin_target must be one of {MARGIN_TARGETS}.")
+    if (float(out.margin_weight) > 0 and out.margin_target == "autoencoder"
+            and out.margin_mode == "relative"):
+        log.warning(
+            "config.efficientad: margin_target='autoencoder' with margin_mode='relative' makes "
+            "the hinge relu((margin - 1) * ||T - A||^2): %s. Use margin_mode='absolute'.",
+            "never active (margin <= 1)" if float(out.margin) <= 1 else
+            "never satisfied (margin > 1), a plain push of the autoencoder away from the teacher")
     if out.conv_impl not in CONV_IMPLS:
         raise ValueError(f"config.efficientad.conv_impl must be one of {CONV_IMPLS}.")
     if float(out.margin_weight) < 0:
@@ -180,34 +215,45 @@ def color_jitter_ae(images: jax.Array, rng: jax.Array, strength: float = 0.2) ->
     return ((out - mean) / std).astype(images.dtype)
 
 
-def dfsc_margin_loss(teacher: jax.Array, ae: jax.Array, student_ae: jax.Array,
+def dfsc_margin_loss(teacher: jax.Array, ae: jax.Array, student_ae: Optional[jax.Array],
                      margin: float, quantile: float, mode: str = "absolute",
-                     with_active: bool = False):
-    """DFSC margin (kdjax's reconstruction, METHODS.md "DFSC margin").
+                     with_active: bool = False, target: str = "student"):
+    """DFSC margin (see the module docstring, and docs/METHODS.md "DFSC margin").
 
     ``teacher`` (normalized T), ``ae`` (A) and ``student_ae`` (S[384:]) are
     (N, H, W, C) maps of the augmented image. Distinctive positions: those
     whose channel-mean ``d_ta = (T - A)^2`` is strictly above its ``quantile``
     over the batch (linear interpolation, as torch.quantile). On them the loss
-    is the mean of ``relu(gap - mean_c (S_ae - T)^2)``; 0 if there is none.
+    is the mean of ``relu(gap - d)``, 0 if there is none, with ``d`` the
+    channel-mean squared distance to the teacher of:
+
+    * ``target="student"``: the student's global branch, ``d = (S_ae - T)^2``;
+      the gradient reaches only ``student_ae``;
+    * ``target="autoencoder"``: the autoencoder itself, ``d = (T - A)^2``
+      (``student_ae`` is not used and may be None); the gradient reaches only
+      ``ae``.
+
     ``mode`` sets the gap: "absolute", ``gap = margin`` (the distance scale of
     normalized teacher features); "relative", ``gap = margin * d_ta`` at that
-    position: the student's global branch must stay at least ``margin`` times
-    as far from the teacher as the autoencoder is, where the autoencoder
-    cannot reproduce it. The selection and the gap carry no gradient; the
-    hinge's gradient reaches only the student (the teacher is frozen, the
-    autoencoder is not in the hinge). ``with_active`` also returns the
-    fraction of distinctive positions whose hinge is active.
+    position. The teacher, the selection and the gap carry no gradient.
+    ``with_active`` also returns the fraction of distinctive positions whose
+    hinge is active.
     """
     if mode not in MARGIN_MODES:
         raise ValueError(f"DFSC margin mode {mode!r}: use one of {MARGIN_MODES}.")
+    if target not in MARGIN_TARGETS:
+        raise ValueError(f"DFSC margin target {target!r}: use one of {MARGIN_TARGETS}.")
     t = jax.lax.stop_gradient(teacher.astype(jnp.float32))
-    d_ta = jnp.mean((t - jax.lax.stop_gradient(ae.astype(jnp.float32))) ** 2, axis=-1)
+    a = ae.astype(jnp.float32)
+    d_ta = jnp.mean((t - jax.lax.stop_gradient(a)) ** 2, axis=-1)
     threshold = jnp.quantile(d_ta.reshape(-1), quantile)
     selected = d_ta > threshold
-    d_st = jnp.mean((student_ae.astype(jnp.float32) - t) ** 2, axis=-1)
+    if target == "student":
+        d = jnp.mean((student_ae.astype(jnp.float32) - t) ** 2, axis=-1)
+    else:
+        d = jnp.mean((t - a) ** 2, axis=-1)  # same value as d_ta, with A's gradient
     gap = margin * d_ta if mode == "relative" else margin
-    hinge = jax.nn.relu(gap - d_st)
+    hinge = jax.nn.relu(gap - d)
     count = jnp.maximum(jnp.sum(selected), 1).astype(jnp.float32)
     loss = jnp.sum(jnp.where(selected, hinge, 0.0)) / count
     if not with_active:
@@ -463,6 +509,43 @@ class EfficientAD(Method):
     def teacher_description(self) -> str:
         return self._teacher_desc
 
+    def inference_init(self, image_shape):
+        """The frozen teacher for a saved model: the same random teacher (fixed
+        key 0) as :meth:`init`, or the weights of ``teacher.weights``."""
+        h = int(image_shape[1])
+        if h != int(self.config.data.image_size):
+            self._build_modules(h)
+        if self.config.get("init_from", ""):  # the reference's teacher.pth beside its student
+            from kdjax import weights
+
+            ref = weights.load_reference_efficientad(
+                str(self.config.init_from), model_size=self.size,
+                out_channels=int(self.settings.out_channels), channels_divisor=self.divisor)
+            self.teacher_source = os.path.join(str(self.config.init_from), "teacher.pth")
+            return {"teacher": {"params": ref["teacher"]["params"]}}
+        if str(self.config.teacher.weights) == "random":
+            dummy = jnp.zeros((1, h, h, 3), jnp.float32)
+            params = xla.jit(lambda k: self.teacher.init(k, dummy)["params"])(
+                jax.random.PRNGKey(0))
+            self._teacher_desc = f"RANDOM {self.arch} (fixed key 0, channels_divisor {self.divisor})"
+            return {"teacher": {"params": params}}
+        return {"teacher": self._teacher_variables(image_shape)}
+
+    def import_reference(self, variables, path):
+        """A directory with the reference reproduction's teacher.pth, student.pth and
+        autoencoder.pth (``torch.save(model.state_dict())``). The teacher's channel
+        statistics are then computed from the training images (:meth:`prepare`)."""
+        from kdjax import weights
+
+        ref = weights.load_reference_efficientad(
+            path, model_size=self.size, out_channels=int(self.settings.out_channels),
+            channels_divisor=self.divisor)
+        frozen = {**variables["frozen"], "teacher": {"params": ref["teacher"]["params"]}}
+        params = {"student": ref["student"]["params"], "ae": ref["ae"]["params"]}
+        self._teacher_desc = f"{self.arch} weights from {os.path.join(path, 'teacher.pth')}"
+        self.teacher_source = os.path.join(path, "teacher.pth")
+        return {**variables, "params": params, "frozen": frozen}
+
     def prepare(self, variables, train_batches: Callable[[], Iterator[jax.Array]]):
         """Teacher channel statistics over the training set (METHODS.md):
         mean = mean over images of each image's spatial mean; std = sqrt(mean
@@ -570,7 +653,7 @@ class EfficientAD(Method):
         if self.margin_weight != 0.0:  # decided at trace time: w = 0 traces EfficientAD only
             loss_margin, margin_active = dfsc_margin_loss(
                 t_ae, a, s_ae, float(s.margin), float(s.margin_quantile), str(s.margin_mode),
-                with_active=True)
+                with_active=True, target=str(s.margin_target))
             total = total + self.margin_weight * loss_margin
         else:
             loss_margin = margin_active = jnp.zeros((), jnp.float32)
