@@ -3,8 +3,8 @@
 This module is host side only (numpy) and holds no model code: the engine
 (kdjax/train.py) runs inference and hands the anomaly maps here.
 
-* ``category_metrics``: the metric bundle of METRICS.md for one category.
-* ``write_results``: results.json (INTERFACE.md schema, NaN -> null) and
+* ``category_metrics``: the metric bundle of docs/METRICS.md for one category.
+* ``write_results``: results.json (docs/INTERFACE.md schema, NaN -> null) and
   results.md (percent tables, the paper's numbers beside ours).
 * ``save_figures``: ROC curve(s) and an image / ground truth / map grid.
 * ``export_tiff``: maps in the layout the official MVTec evaluators read.
@@ -35,7 +35,7 @@ LOCO_DATASETS = ("mvtec_loco", "synthetic")
 
 def category_metrics(dataset: str, maps, records, masks=None, regions=None,
                      per_image_pro: bool = True) -> Dict[str, float]:
-    """Metrics of one category's test set (METRICS.md), as {name: float}.
+    """Metrics of one category's test set (docs/METRICS.md), as {name: float}.
 
     dataset "mvtec_ad" / "folder": ``masks`` (N, H, W) in {0, 1} at the maps'
     resolution -> image_auroc, f1_max, pixel_auroc, au_pro, au_pro_per_image
@@ -183,6 +183,7 @@ def _markdown(results: Dict[str, Any], targets: Optional[Mapping]) -> str:
         lines += [f"**Warning:** {results['warning']}", ""]
     if results.get("targets_source"):
         lines += [f"Paper numbers: {results['targets_source']}", ""]
+    lines += _threshold_lines(results.get("thresholds"))
     for group, metrics in grouped:
         if not metrics:
             continue
@@ -213,6 +214,40 @@ def _markdown(results: Dict[str, Any], targets: Optional[Mapping]) -> str:
     return "\n".join(lines)
 
 
+def _threshold_lines(thresholds) -> List[str]:
+    """results.md's decision-threshold table (the model artifact's threshold)."""
+    if not thresholds:
+        return []
+    lines = ["## Decision threshold", "",
+             "An image is anomalous when its score is above the threshold, chosen without "
+             "the test set (eval.threshold); precision and recall are on the test set. The "
+             "test-set F1-max above is a reported metric, not a threshold.", "",
+             "| category | threshold | rule | chosen on | test precision (%) | "
+             "test recall (%) |", "|---|---|---|---|---|---|"]
+    notes = []
+    for cat, t in thresholds.items():
+        if not t:
+            continue
+        test = t.get("test") or {}
+        rule = str(t.get("rule", ""))
+        if t.get("quantile") is not None:
+            rule += f" {t['quantile']}"
+        where = str(t.get("source", ""))
+        if t.get("optimistic"):
+            where += " (optimistic)"
+            notes.append(cat)
+        value = t.get("value")
+        lines.append(f"| {cat} | {'n/a' if value is None else f'{float(value):.5g}'} | {rule} | "
+                     f"{where} | {_fmt(test.get('precision'))} | {_fmt(test.get('recall'))} |")
+    lines.append("")
+    if notes:
+        lines += [f"**Optimistic threshold** ({', '.join(notes)}): no held-out good images, so "
+                  "it is a quantile of the training images' own scores; new good images score "
+                  "higher. Hold out images (data.validation_fraction=0.1) or set "
+                  "eval.threshold to a number.", ""]
+    return lines
+
+
 def _plain(d):
     """ConfigDict / FrozenConfigDict / nested mappings -> plain dicts."""
     if d is None:
@@ -232,7 +267,7 @@ def write_results(workdir: str, method: str, dataset: str, teacher: str,
     """Write ``results.json`` and ``results.md`` under ``workdir``; return the results dict.
 
     results.json = {"method", "dataset", "teacher", "categories": {cat: {metric:
-    float}}, "mean": {metric: float}} (INTERFACE.md), plus the ``extra`` keys and,
+    float}}, "mean": {metric: float}} (docs/INTERFACE.md), plus the ``extra`` keys and,
     when given, "variants": {name: {"categories": ..., "mean": ...}}. Means are
     over categories, ignoring NaN. NaN / inf are written as null. ``targets``:
     {category or "mean": {metric: published value in percent}}, shown beside

@@ -1,99 +1,205 @@
-"""Score new images with a trained workdir: anomaly maps and image scores.
+"""Score new images with a trained workdir: anomaly maps, scores and decisions.
 
     from kdjax.predict import Predictor
-    p = Predictor.from_workdir("runs/demo", category="tray")
-    maps, scores = p.predict(["img1.png", "img2.png"])   # or a uint8 array (N, H, W, 3)
+    p = Predictor.from_workdir("runs/demo")            # category=... when there are several
+    maps, scores = p.predict(["img1.png", "img2.png"])  # one path, a list, or uint8 (N, S, S, 3)
+    p.is_anomalous(scores)                             # score > p.threshold
 
-The map is the one the evaluation used (components combined with the
-validation-quantile normalization saved at evaluation time); the score is its max.
+The model is ``<workdir>/model/<category>/`` (kdjax.inference.Model): the map
+is the one the evaluation used, the score its maximum at the input size.
+
+From the command line (the config comes from the workdir)::
+
+    python -m kdjax.main --mode=predict --workdir=runs/demo --input=new_images/ \
+        [--output=DIR] [--category=C] [--maps] [--max_overlays=100]
+
+writes ``DIR/predictions.csv`` (path,category,score,is_anomalous,threshold),
+``DIR/overlays/*.png`` and, with ``--maps``, ``DIR/maps/*.tiff``.
 """
 
 from __future__ import annotations
 
-import json
+import csv
+import glob
+import logging
 import os
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
-import jax
-import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kdjax import train
-from kdjax.methods import get_method
+from kdjax import inference
+from kdjax.errors import ConfigError, DataError
+
+log = logging.getLogger("kdjax")
 
 
 class Predictor:
-    def __init__(self, config, workdir: str, category: str):
-        self.config = config
-        self.category = category
-        self.mesh = train.make_mesh()
-        self.method = get_method(config)
-        size = int(config.data.image_size)
-        dummy = np.zeros((1, size, size, 3), np.uint8)
-        cat = train.CategoryData(category, "", dummy, None, [], [])
-        ts, frozen, _, _ = train.init_train_state(config, self.method, cat, self.mesh)
-        ckpt_dir = _find_checkpoint_dir(workdir, category)
-        mngr = train._checkpoint_manager(ckpt_dir, 1)
-        restored = train._restore(mngr, ts)
-        mngr.close()
-        if restored is None:
-            raise FileNotFoundError(f"No checkpoint for {category!r} in {ckpt_dir}: train first.")
-        self.ts = jax.device_put(restored, NamedSharding(self.mesh, P()))
-        self.frozen = frozen
-        self.norm = None
-        npath = os.path.join(workdir, "normalization", f"{category}.json")
-        if train.needs_validation(self.method):
-            if not os.path.exists(npath):
-                raise FileNotFoundError(
-                    f"{npath} is missing: run the evaluation (--mode=eval) once, it saves the "
-                    "map normalization this method needs.")
-            with open(npath) as f:
-                self.norm = {k: tuple(v) for k, v in json.load(f).items()}
-        self.weights = {k: float(config.eval.map_weights.get(k, 1.0))
-                        for k in self.method.map_names}
-        self.batch = int(config.eval.batch_size)
-        self._fn = train.make_maps_fn(self.method, self.mesh, self.batch)
+    """Maps, scores and decisions of a trained model for image files or arrays."""
+
+    def __init__(self, model: inference.Model):
+        self.model = model
+        self.category = model.category
+        self.config = model.config
 
     @classmethod
     def from_workdir(cls, workdir: str, category: Optional[str] = None) -> "Predictor":
-        with open(os.path.join(workdir, "config.json")) as f:
-            config = ml_collections.ConfigDict(json.load(f))
-        if category is None:
-            root = os.path.join(workdir, "checkpoints")
-            cats = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-            if len(cats) != 1:
-                raise ValueError(f"The workdir holds several categories {cats}: name one.")
-            category = cats[0]
-        with config.unlocked():
-            config.data.category = category
-        return cls(config, workdir, category)
+        return cls(inference.load_model(workdir, category))
 
-    def predict(self, images: Union[np.ndarray, Sequence[str]]):
-        """(maps (N, S, S) at data.image_size, scores (N,)) for uint8 images or file paths."""
-        size = int(self.config.data.image_size)
-        if not isinstance(images, np.ndarray):
-            from kdjax import data
-            from kdjax.data.types import Record
+    @property
+    def threshold(self) -> Optional[float]:
+        return self.model.threshold_value
 
-            recs = [Record(str(p), self.category, "test", "unknown", 0) for p in images]
-            images, _ = data.load_images(recs, size)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
-            raise ValueError(f"predict expects uint8 images of shape (N, {size}, {size}, 3) or "
-                             f"file paths; got {images.dtype} {images.shape}.")
-        comps = train.predict_components(self.method, self.ts, self.frozen, images, self.mesh,
-                                         self.batch, self._fn)
-        maps = train.final_maps(self.method, comps, self.weights, self.norm, size)
-        return maps, maps.reshape(len(maps), -1).max(1)
+    @property
+    def image_size(self) -> int:
+        return self.model.size
+
+    def load(self, paths: Sequence[str], on_corrupt: str = "raise"):
+        """(uint8 (N, S, S, 3), kept paths, skipped paths, original sizes) of image files,
+        converted as in training (any size, grayscale, RGBA, 16-bit)."""
+        from kdjax import data
+        from kdjax.data.types import Record
+
+        recs = [Record(str(p), self.category, "test", "unknown", 0) for p in paths]
+        images, kept = data.load_images(recs, self.model.size, on_corrupt=on_corrupt)
+        kept_paths = [r.image_path for r in kept]
+        skipped = [str(p) for p in paths if str(p) not in set(kept_paths)]
+        sizes = data.original_sizes(kept) if kept else []
+        return images, kept_paths, skipped, sizes
+
+    def predict(self, images: Union[str, os.PathLike, np.ndarray, Sequence[str]],
+                resolution: str = "input") -> Tuple[Union[np.ndarray, list], np.ndarray]:
+        """(maps, scores) for one path, a list of paths, or uint8 images (N, S, S, 3).
+
+        ``resolution``: "input" (maps (N, S, S) at data.image_size) or "original"
+        (each file's own size; paths only). The score is the map's maximum at the
+        input size in both cases; ``is_anomalous(scores)`` applies the threshold."""
+        if isinstance(images, (str, os.PathLike)):
+            images = [os.fspath(images)]
+        if isinstance(images, np.ndarray):
+            if resolution != "input":
+                raise ValueError("resolution='original' needs file paths (arrays have no "
+                                 "original size).")
+            return self.model.predict(images)
+        paths = list(images)
+        if not paths:
+            raise ValueError("predict got an empty list of images.")
+        arr, _, _, sizes = self.load(paths)
+        if resolution not in ("input", "original"):
+            raise ValueError(f"resolution={resolution!r}: use 'input' or 'original'.")
+        return self.model.predict(arr, sizes if resolution == "original" else None)
+
+    def is_anomalous(self, scores) -> np.ndarray:
+        return self.model.is_anomalous(scores)
 
 
-def _find_checkpoint_dir(workdir: str, category: str) -> str:
-    root = os.path.join(workdir, "checkpoints")
-    direct = os.path.join(root, category)
-    if os.path.isdir(direct):
-        return direct
-    for sub in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        cand = os.path.join(root, sub, category)
-        if os.path.isdir(cand):
-            return cand
-    raise FileNotFoundError(f"No checkpoint directory for {category!r} under {root}.")
+# ---------------------------------------------------------------------------
+# --mode=predict
+# ---------------------------------------------------------------------------
+
+def resolve_inputs(spec: str) -> List[str]:
+    """Image files named by ``spec``: a file, a folder (searched recursively) or a glob."""
+    from kdjax.data.readers import IMAGE_EXTENSIONS
+
+    def is_image(p):
+        return os.path.isfile(p) and p.lower().endswith(tuple(IMAGE_EXTENSIONS))
+
+    if os.path.isfile(spec):
+        return [spec]
+    if os.path.isdir(spec):
+        out = []
+        for root, dirs, names in os.walk(spec):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            out += [os.path.join(root, n) for n in sorted(names)
+                    if not n.startswith(".") and is_image(os.path.join(root, n))]
+        if not out:
+            raise DataError(f"--input={spec!r}: the folder holds no image files "
+                                    f"({', '.join(IMAGE_EXTENSIONS)}).")
+        return out
+    matches = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+    if not matches:
+        raise DataError(f"--input={spec!r}: no such file or folder, and no file matches "
+                                "it as a glob pattern.")
+    return matches
+
+
+def _out_name(path: str, common: str) -> str:
+    rel = os.path.relpath(path, common) if common else os.path.basename(path)
+    stem = os.path.splitext(rel)[0]
+    return stem.replace(os.sep, "__").replace("/", "__")
+
+
+def predict_cli(workdir: str, input_spec: str, output: Optional[str] = None,
+                category: Optional[str] = None, write_maps: bool = False,
+                max_overlays: int = 100, chunk: int = 64) -> dict:
+    """``--mode=predict``: score image files with ``<workdir>``'s model; returns a summary."""
+    from kdjax import progress, viz
+
+    if not input_spec:
+        raise ConfigError("--mode=predict needs --input=<file | folder | glob> of images.")
+    paths = resolve_inputs(input_spec)
+    p = Predictor.from_workdir(workdir, category)
+    out = output or os.path.join(workdir, "predictions")
+    os.makedirs(out, exist_ok=True)
+    common = os.path.commonpath([os.path.dirname(os.path.abspath(x)) for x in paths])
+    resolution = p.model.resolution
+    threshold = p.threshold
+    rows, skipped, overlays = [], [], 0
+    bar = progress.Progress(len(paths), f"[{p.category}] predict", unit="img")
+    for i in range(0, len(paths), chunk):
+        part = paths[i:i + chunk]
+        images, kept, bad, sizes = p.load(part, on_corrupt="skip")
+        skipped += bad
+        if not kept:
+            bar.update(len(part))
+            continue
+        maps_in, scores = p.model.predict(images)
+        maps_out = (p.model.predict(images, sizes)[0] if write_maps and resolution == "original"
+                    else maps_in)
+        decisions = (scores > threshold) if threshold is not None else [False] * len(scores)
+        for j, path in enumerate(kept):
+            name = _out_name(os.path.abspath(path), common)
+            rows.append({"path": path, "category": p.category, "score": float(scores[j]),
+                         "is_anomalous": bool(decisions[j]),
+                         "threshold": "" if threshold is None else float(threshold)})
+            if write_maps:
+                import tifffile
+
+                os.makedirs(os.path.join(out, "maps"), exist_ok=True)
+                tifffile.imwrite(os.path.join(out, "maps", name + ".tiff"),
+                                 np.asarray(maps_out[j], np.float32))
+            if overlays < int(max_overlays):
+                os.makedirs(os.path.join(out, "overlays"), exist_ok=True)
+                viz.save_overlay(os.path.join(out, "overlays", name + ".png"), images[j],
+                                 maps_in[j], float(scores[j]), threshold)
+                overlays += 1
+        bar.update(len(part))
+    bar.close()
+    csv_path = os.path.join(out, "predictions.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "category", "score", "is_anomalous",
+                                          "threshold"])
+        w.writeheader()
+        w.writerows(rows)
+    n_anom = sum(r["is_anomalous"] for r in rows)
+    log.info("[%s] %d images scored, %d anomalous (threshold %s), %d skipped%s; wrote %s",
+             p.category, len(rows), n_anom, "none" if threshold is None else f"{threshold:.5g}",
+             len(skipped), (" (" + ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+                            + ")") if skipped else "", csv_path)
+    return {"csv": csv_path, "scored": len(rows), "anomalous": n_anom, "skipped": skipped,
+            "output": out}
+
+
+def export_cli(workdir: str, output: Optional[str] = None, category: Optional[str] = None,
+               onnx: Optional[bool] = None) -> dict:
+    """``--mode=export``: ``DIR/<category>/model.jax`` (+ model.json, model.onnx) for the
+    named category, or for every category of the workdir."""
+    cats = ([inference.resolve_category(workdir, category)] if category
+            else inference.workdir_categories(workdir) or [inference.resolve_category(workdir,
+                                                                                        None)])
+    out = output or os.path.join(workdir, "export")
+    written = {}
+    for c in cats:
+        model = inference.load_model(workdir, c)
+        written[c] = model.export(os.path.join(out, c), onnx=onnx)
+        log.info("[%s] exported: %s", c, ", ".join(sorted(written[c].values())))
+    return written

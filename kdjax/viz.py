@@ -134,3 +134,40 @@ def overlay_figure(path: str, images, maps, labels, scores, indices: Sequence[in
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def save_overlay(path: str, image: np.ndarray, amap: np.ndarray, score: float,
+                 threshold: Optional[float] = None) -> str:
+    """One PNG: the image | the anomaly map over it (jet, 50%), with the score and the
+    decision in a caption. The colour scale is fixed by the threshold (0 .. 1.5 x
+    threshold; red means above it) so that images are comparable; without a
+    threshold it spans the map's own range."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    img = _to_display_image(np.asarray(image))
+    if img.dtype != np.uint8:
+        img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    h, w = img.shape[:2]
+    m = np.asarray(amap, np.float32)
+    if threshold is not None and threshold > 0:
+        lo, hi = 0.0, 1.5 * float(threshold)
+    else:
+        lo, hi = float(m.min()), float(m.max())
+    m = np.clip((m - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    if m.shape != (h, w):
+        m = np.asarray(Image.fromarray(m).resize((w, h), Image.BILINEAR))
+    heat = (colormaps["jet"](m)[..., :3] * 255).astype(np.float32)
+    blend = (0.5 * img.astype(np.float32) + 0.5 * heat).astype(np.uint8)
+    bar = 18
+    canvas = Image.new("RGB", (2 * w, h + bar), (255, 255, 255))
+    canvas.paste(Image.fromarray(img), (0, bar))
+    canvas.paste(Image.fromarray(blend), (w, bar))
+    text = f"score {score:.4g}"
+    if threshold is not None:
+        text += f"  {'ANOMALOUS' if score > threshold else 'good'} (threshold {threshold:.4g})"
+    ImageDraw.Draw(canvas).text((3, 3), text, fill=(200, 0, 0) if (
+        threshold is not None and score > threshold) else (0, 0, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+    return path

@@ -1,4 +1,4 @@
-"""EfficientAD and the DFSC margin (METHODS.md), at tiny shapes on the CPU.
+"""EfficientAD and the DFSC margin (docs/METHODS.md), at tiny shapes on the CPU.
 
 Networks are checked at full size with jax.eval_shape only (no compute); the
 training tests use 64x64 inputs and widths divided by 8 or 16.
@@ -156,7 +156,7 @@ def test_optimizer_is_torch_adam_with_l2_and_steplr():
 def test_map_combination_equals_reference():
     """Engine: sum_k w_k * 0.1 (m_k - qa_k) / (qb_k - qa_k) with w = 0.5, 0.5
     is the reference's 0.5 * map_st + 0.5 * map_ae of normalized maps."""
-    from kdjax.train import combine_maps, map_normalization
+    from kdjax.inference import combine as combine_maps, map_normalization
 
     rng = np.random.default_rng(5)
     val = {"local": rng.random((3, 8, 8)), "global": rng.random((3, 8, 8)) * 3}
@@ -310,26 +310,39 @@ def test_training_metrics_and_maps(baseline):
 def test_engine_normalizes_raw_maps_then_pads_and_upsamples(baseline):
     """The reference's order: quantiles of the raw (56x56 at 256 px) validation
     maps, 0.5 / 0.5 combination, THEN zero padding by 4 and bilinear upsampling."""
-    from kdjax.train import final_maps, map_normalization
+    from kdjax.inference import Model, map_normalization
 
     method, v, state, params, _ = baseline
     fn = jax.jit(method.maps)
     val = {k: np.asarray(x) for k, x in fn(params, state, v["frozen"], _images(3, 2)).items()}
     test = {k: np.asarray(x) for k, x in fn(params, state, v["frozen"], _images(2, 1)).items()}
     norm = map_normalization(val, (0.9, 0.995))
-    got = final_maps(method, test, {"local": 0.5, "global": 0.5}, norm, 64)
+    model = Model(method.config, method, params, state, v["frozen"], norm=norm)
+    weights = {"local": 0.5, "global": 0.5}
+    got, scores = model.finish_components(test, None, weights)
     assert got.shape == (2, 64, 64)
     combined = sum(0.5 * 0.1 * (test[k] - np.quantile(val[k], 0.9))
                    / (np.quantile(val[k], 0.995) - np.quantile(val[k], 0.9)) for k in test)
     padded = np.pad(combined, ((0, 0), (4, 4), (4, 4)))  # zeros after normalization
-    # torch F.interpolate(bilinear, align_corners=False), written out for 16 -> 64
-    src = np.clip((np.arange(64) + 0.5) * 16 / 64 - 0.5, 0, None)
-    i0 = np.floor(src).astype(int)
-    i1 = np.minimum(i0 + 1, 15)
-    f = src - i0
-    rows = padded[:, i0] * (1 - f)[None, :, None] + padded[:, i1] * f[None, :, None]
-    want = rows[:, :, i0] * (1 - f) + rows[:, :, i1] * f
+
+    def torch_bilinear(x, oh, ow):  # F.interpolate(bilinear, align_corners=False)
+        def axis(n_in, n_out):
+            src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, None)
+            i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
+            return i0, np.minimum(i0 + 1, n_in - 1), src - i0
+        r0, r1, fr = axis(x.shape[1], oh)
+        c0, c1, fc = axis(x.shape[2], ow)
+        rows = x[:, r0] * (1 - fr)[None, :, None] + x[:, r1] * fr[None, :, None]
+        return rows[:, :, c0] * (1 - fc) + rows[:, :, c1] * fc
+
+    want = torch_bilinear(padded, 64, 64)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores, want.reshape(2, -1).max(1), rtol=1e-5, atol=1e-6)
+    # At an original resolution (LOCO's official protocol): ONE resize from the padded
+    # map to (H, W), as the reference, not 16 -> 64 -> (H, W); scores stay at the input size.
+    orig, orig_scores = model.finish_components(test, [(50, 70), (50, 70)], weights)
+    np.testing.assert_allclose(orig, torch_bilinear(padded, 50, 70), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(orig_scores, scores, rtol=1e-6)
     np.testing.assert_allclose(got[:, 0, :], 0.0, atol=1e-7)  # outermost rows: the zero border
 
 

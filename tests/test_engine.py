@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from kdjax import losses, ops, train
+from kdjax import inference, losses, ops, train
 from kdjax.methods import nsa
 from kdjax.methods.rd4ad import rd_anomaly_map
 
@@ -119,17 +119,17 @@ def test_resize_align_corners_false_matches_formula():
 def test_combine_maps_quantile_normalization():
     rng = np.random.default_rng(3)
     val = {"local": rng.random((4, 8, 8)), "global": rng.random((4, 8, 8)) * 5}
-    norm = train.map_normalization(val, (0.9, 0.995))
+    norm = inference.map_normalization(val, (0.9, 0.995))
     qa, qb = np.quantile(val["global"], [0.9, 0.995])
     np.testing.assert_allclose(norm["global"], (qa, qb))
     test = {"local": rng.random((2, 8, 8)), "global": rng.random((2, 8, 8))}
-    got = train.combine_maps(test, {"local": 0.5, "global": 0.5}, norm)
+    got = inference.combine(test, {"local": 0.5, "global": 0.5}, norm)
     ql = norm["local"]
     want = (0.5 * 0.1 * (test["local"] - ql[0]) / (ql[1] - ql[0])
             + 0.5 * 0.1 * (test["global"] - qa) / (qb - qa))
     np.testing.assert_allclose(got, want, rtol=1e-5)
     with pytest.raises(ValueError, match="weight 0"):
-        train.combine_maps(test, {"local": 0.0, "global": 0.0}, norm)
+        inference.combine(test, {"local": 0.0, "global": 0.0}, norm)
 
 
 def test_batch_indices_cover_each_epoch_and_depend_only_on_step():

@@ -56,6 +56,31 @@ def _timed(fn, warmup: int, reps: int) -> float:
     return (time.perf_counter() - t) / reps
 
 
+def _median_ms(fn, warmup: int, reps: int) -> float:
+    """Median wall time of one call, in ms (latency: each call timed on its own)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+def _train_time(step, args) -> float:
+    return float("nan") if args.no_train else _timed(step, args.warmup, args.steps)
+
+
+def _latency(infer, args) -> dict:
+    """``--latency_reps N``: the median of N batch-1 inference calls after 3 warm-ups."""
+    if not args.latency_reps:
+        return {}
+    return {"latency_batch": 1, "latency_reps": args.latency_reps,
+            "latency_ms_median": _median_ms(lambda: infer(1), 3, args.latency_reps)}
+
+
 def bench_rd4ad(args) -> dict:
     from torchvision.models import wide_resnet50_2
 
@@ -96,16 +121,17 @@ def bench_rd4ad(args) -> dict:
         loss.backward()
         opt.step()
 
-    train_s = _timed(step, args.warmup, args.steps)
+    train_s = _train_time(step, args)
 
     from scipy.ndimage import gaussian_filter
 
     xe = torch.randn(args.infer_batch, 3, s, s)
     ocbe.eval(), decoder.eval()
 
-    def infer():
+    def infer(n=None):
+        x = xe if n is None else xe[:n]
         with torch.no_grad():
-            inputs = encode(xe)
+            inputs = encode(x)
             out = decoder(ocbe(inputs))
             outputs = [out["layer1"], out["layer2"], out["layer3"]]
             amap = 0
@@ -117,7 +143,8 @@ def bench_rd4ad(args) -> dict:
         return [gaussian_filter(m, sigma=4) for m in amap]
 
     infer_s = _timed(infer, 1, args.infer_reps)
-    return {"model": "RD4AD (reference PyTorch)", "train_images_per_s": b / train_s,
+    return {**_latency(infer, args),
+            "model": "RD4AD (reference PyTorch)", "train_images_per_s": b / train_s,
             "train_batch_size": b, "teacher_layer4": bool(args.rd_layer4),
             "teacher_backward": not args.rd_teacher_no_grad,
             "infer_images_per_s": args.infer_batch / infer_s, "infer_batch_size": args.infer_batch}
@@ -172,22 +199,23 @@ def bench_efficientad(size: str, args) -> dict:
         opt.step()
         sched.step()
 
-    train_s = _timed(step, args.warmup, args.steps)
+    train_s = _train_time(step, args)
     teacher.eval(), student.eval(), ae.eval()
     xe = torch.randn(args.infer_batch, 3, s, s)
 
-    def infer():
+    def infer(n=None):
+        x = xe if n is None else xe[:n]
         with torch.no_grad():
-            t = (teacher(xe) - t_mean) / t_std
-            so = student(xe)
-            ao = ae(xe)
+            t = (teacher(x) - t_mean) / t_std
+            so = student(x)
+            ao = ae(x)
             m_st = torch.mean((t - so[:, :c]) ** 2, dim=1, keepdim=True)
             m_ae = torch.mean((ao - so[:, c:]) ** 2, dim=1, keepdim=True)
             m = F.pad(0.5 * m_st + 0.5 * m_ae, (4, 4, 4, 4))
             return F.interpolate(m, (s, s), mode="bilinear")
 
     infer_s = _timed(infer, 1, args.infer_reps)
-    return {"model": f"EfficientAD-{size} (reference PyTorch)", "train_steps_per_s": 1 / train_s,
+    return {**_latency(infer, args), "model": f"EfficientAD-{size} (reference PyTorch)", "train_steps_per_s": 1 / train_s,
             "train_batch_size": 1, "infer_images_per_s": args.infer_batch / infer_s,
             "infer_batch_size": args.infer_batch}
 
@@ -203,6 +231,9 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="timed training steps")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--infer_reps", type=int, default=2)
+    p.add_argument("--latency_reps", type=int, default=0,
+                   help="also the median latency of this many batch-1 inference calls")
+    p.add_argument("--no_train", action="store_true", help="skip the training steps")
     p.add_argument("--json", default="")
     args = p.parse_args()
     torch.manual_seed(0)

@@ -77,7 +77,7 @@ def run(config, steps: int, infer_batches: int, peak: bool, profile_dir=None) ->
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from kdjax import train
+    from kdjax import inference, train
     from kdjax.methods import get_method
 
     with config.unlocked():
@@ -118,23 +118,31 @@ def run(config, steps: int, infer_batches: int, peak: bool, profile_dir=None) ->
     dt = time.perf_counter() - t0
     train_ips = steps * per_call * batch / dt
 
+    # Inference: the jitted function of kdjax.inference.Model (maps and scores at the
+    # input size, normalized and combined), which evaluation and prediction run.
     eb = int(config.eval.batch_size)
-    mfn = train.make_maps_fn(method, mesh, eb)
+    norm = ({k: (0.0, 1.0) for k in method.map_names}
+            if inference.needs_normalization(method) else None)
+    host = jax.device_get({"params": ts["params"], "state": ts["state"]})  # ts is donated
+    model = inference.Model(config, method, host["params"], host["state"], frozen, norm=norm,
+                            mesh=mesh)
+    mfn = model.jitted()
     x = train.put_global(images[:eb] if n_img >= eb else np.resize(images, (eb, size, size, 3)),
                          NamedSharding(mesh, train.batch_spec(mesh, eb)))
-    mcomp = mfn.lower(ts["params"], ts["state"], frozen, x).compile()
+    args = (model.params, model.state, model.frozen)
+    mcomp = mfn.lower(*args, x).compile()
     infer_flops_batch = _flops(mcomp)
-    jax.block_until_ready(mcomp(ts["params"], ts["state"], frozen, x))
+    jax.block_until_ready(mcomp(*args, x))
     t0 = time.perf_counter()
     for _ in range(infer_batches):
-        out = mcomp(ts["params"], ts["state"], frozen, x)
+        out = mcomp(*args, x)
     jax.block_until_ready(out)
     infer_ips = infer_batches * eb / (time.perf_counter() - t0)
     if profile_dir:
         with jax.profiler.trace(profile_dir):
             ts, m = compiled(ts, data, frozen, key, cache)
             jax.block_until_ready(m)
-            jax.block_until_ready(mcomp(ts["params"], ts["state"], frozen, x))
+            jax.block_until_ready(mcomp(*args, x))
 
     dev = jax.devices()[0]
     res = {

@@ -14,10 +14,11 @@ Variables are split in three pytrees:
 
 Images reach methods as float32 NHWC, ImageNet-normalized, at
 ``config.data.image_size``. Map components leave ``maps`` as (N, h, w)
-float32, at the input size unless the method says otherwise: the engine
-normalizes and combines them at that resolution, then ``finish_maps`` brings
-the combined map to the input size (EfficientAD normalizes its 56x56 maps,
-then pads and upsamples, as its reference does). Anything random inside
+float32 at the method's working resolution (the input size unless the
+method says otherwise): the inference path (kdjax/inference.py) normalizes
+and combines them there, then ``finish_maps`` brings the combined map to the
+requested output size in one resize (EfficientAD pads its 56x56 map first,
+as its reference does). Anything random inside
 ``loss`` (augmentation, masking) is drawn from the ``rng`` argument with
 ``jax.random``, on the device.
 """
@@ -28,6 +29,8 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import jax
 import optax
+
+from kdjax import ops
 
 Pytree = Any
 
@@ -52,6 +55,20 @@ class Method:
         ``image_shape`` is (N, H, W, 3) of one example batch.
         """
         raise NotImplementedError
+
+    def inference_init(self, image_shape: Tuple[int, int, int, int]) -> Pytree:
+        """Build the modules ``maps`` needs and return the ``frozen`` variables
+        (the teacher, reloaded from ``config.teacher.weights``) without
+        initializing any trainable parameter: a saved model (kdjax.inference)
+        brings its own ``params`` and ``state``."""
+        raise NotImplementedError(f"{self.name} cannot be loaded for inference.")
+
+    def import_reference(self, variables: Dict[str, Pytree], path: str) -> Dict[str, Pytree]:
+        """``--config.init_from=path``: variables with the trained weights of a
+        checkpoint written by the method's reference code (a ValueError where the
+        method has none)."""
+        raise ValueError(f"config.init_from: {self.name} has no reference checkpoint format to "
+                         "import; leave init_from empty.")
 
     def teacher_description(self) -> str:
         """What teacher weights were used, for logs and results.json."""
@@ -104,7 +121,9 @@ class Method:
         raise NotImplementedError
 
     def finish_maps(self, maps: jax.Array, size: Tuple[int, int]) -> jax.Array:
-        """The combined (normalized, weighted) (N, h, w) map -> (N, *size).
+        """The combined (normalized, weighted) (N, h, w) map -> (N, *size), in one resize.
 
-        Jittable. Default: the identity (``maps`` already returns the input size)."""
-        return maps
+        Jittable. Default: bilinear (torch ``align_corners=False``, as the
+        evaluators resize maps to the original image size); the identity when
+        ``size`` is the map's own."""
+        return ops.resize_bilinear(maps, tuple(size), align_corners=False)

@@ -1,5 +1,5 @@
 """CAD / DSKD: Contextual Affinity Distillation (Zhang, Suganuma, Okatani, WACV 2024;
-arXiv 2307.03101), as reconstructed in METHODS.md ("CAD").
+arXiv 2307.03101), as reconstructed in docs/METHODS.md ("CAD").
 
 No official code is public. The published description fixes the frame: an
 ImageNet WRN50 teacher, a LOCAL student that reproduces the teacher's

@@ -446,7 +446,7 @@ class EfficientAD(Method):
         dummy = jnp.zeros((1,) + tuple(image_shape[1:]), jnp.float32)
         try:
             from kdjax import weights
-        except ImportError as e:  # pragma: no cover - weights.py ships with kdjax
+        except ImportError as e:  # pragma: no cover - kdjax.weights ships with kdjax
             raise ImportError("kdjax.weights is needed to load the PDN teacher.") from e
         _, variables, desc = weights.load_teacher_described(self.arch, w)
         expected = jax.eval_shape(self.teacher.init, jax.random.PRNGKey(0), dummy)
@@ -547,7 +547,7 @@ class EfficientAD(Method):
         return {**variables, "params": params, "frozen": frozen}
 
     def prepare(self, variables, train_batches: Callable[[], Iterator[jax.Array]]):
-        """Teacher channel statistics over the training set (METHODS.md):
+        """Teacher channel statistics over the training set (docs/METHODS.md):
         mean = mean over images of each image's spatial mean; std = sqrt(mean
         over images of the spatial mean of (T - mean)^2). Two passes, as the
         reference; accumulated per image in float64 on the host."""

@@ -73,7 +73,9 @@ class RD4AD(Method):
                 "tools/port_weights.py --arch %s --src auto ***", t.arch, e, t.arch)
             module, variables, desc = weights.load_teacher_described(
                 t.arch, "random", width_divisor=int(t.width_divisor), dtype=self.dtype)
+            source = "random"
         self.teacher = module
+        self.teacher_source = source  # what was loaded: the model artifact records it
         self._teacher_desc = desc
         return variables
 
@@ -113,6 +115,20 @@ class RD4AD(Method):
         svars = torch_style_init(self.student, _seed_of(rng), feats, train=False)
         return {"params": svars["params"], "state": {"batch_stats": svars["batch_stats"]},
                 "frozen": {"teacher": teacher_vars}}
+
+    def inference_init(self, image_shape):
+        self.student = self.build_student()
+        return {"teacher": self.build_teacher()}
+
+    def import_reference(self, variables, path):
+        """A checkpoint of the reference RD4AD / MRKD code ({"bn", "decoder"} state dicts)."""
+        from kdjax import weights
+
+        ref = weights.load_reference_rd_checkpoint(
+            path, width_divisor=int(self.config.teacher.width_divisor),
+            generation=self.generation)
+        return {**variables, "params": ref["params"],
+                "state": {**variables["state"], "batch_stats": ref["batch_stats"]}}
 
     def teacher_cache(self, frozen, images):
         """The teacher taps of the clean image: RD4AD's input and target."""

@@ -1,6 +1,6 @@
 """CAD's global branch: the Global Context Condensing Block (GCCB) and the global student.
 
-kdjax's reconstruction of Zhang, Suganuma & Okatani, WACV 2024 (METHODS.md,
+kdjax's reconstruction of Zhang, Suganuma & Okatani, WACV 2024 (docs/METHODS.md,
 "CAD"); the paper's code is not public, every choice below is a module field
 set from ``config.cad`` (see ``kdjax.methods.cad``).
 

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kdjax import backends
+
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
@@ -265,7 +267,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
                          feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None):
     """``lax.conv_general_dilated`` (same signature); see the module docstring."""
-    fast = (jax.default_backend() == "cpu"
+    fast = (backends.cpu_kernels()
             and _is_nhwc_hwio(dimension_numbers)
             and not isinstance(padding, str)
             and all(d == 1 for d in (lhs_dilation or (1, 1)))

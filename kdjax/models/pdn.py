@@ -1,7 +1,7 @@
 """EfficientAD's networks: the patch description network (PDN) and the autoencoder.
 
 Layers exactly as the reference reproduction (nelson1425/EfficientAD,
-``common.py``) defines them; see /work/shared/spec/METHODS.md, "EfficientAD".
+``common.py``) defines them; see docs/METHODS.md, "EfficientAD".
 Torch semantics are kept explicit:
 
 * every convolution pads symmetrically with the torch ``padding`` value
@@ -16,7 +16,7 @@ Torch semantics are kept explicit:
 
 Submodules are named ``conv{i}`` with ``i`` the index of that convolution in
 the reference ``nn.Sequential``, so torch state-dict keys ``"{i}.weight"`` /
-``"{i}.bias"`` map onto them one to one (kdjax/weights.py does that for the
+``"{i}.bias"`` map onto them one to one (kdjax/weights/ does that for the
 published teachers; the same holds for the autoencoder of the reference
 version with Dropout).
 """
@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdjax import ops
+from kdjax import backends, ops
 from kdjax.models import fastconv
 
 # Sequential indices of the convolutions in the reference nn.Sequential.
@@ -81,7 +81,7 @@ CONV_IMPLS = ("auto", "xla", "im2col")
 
 def _resolve_impl(impl: str) -> str:
     if impl == "auto":
-        return "im2col" if jax.default_backend() == "cpu" else "xla"
+        return "im2col" if backends.cpu_kernels() else "xla"
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl={impl!r}: use one of {', '.join(CONV_IMPLS)}.")
     return impl

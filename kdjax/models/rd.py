@@ -2,7 +2,7 @@
 
 Mirrors the reference PyTorch code (hq-deng/RD4AD ``resnet.BN_layer`` and
 ``de_resnet.de_wide_resnet50_2``; yuxin-jiang/MRKD adds ``generation{1,2,3}``)
-as described in METHODS.md (RD4AD, MRKD) so that checkpoints saved by those
+as described in docs/METHODS.md (RD4AD, MRKD) so that checkpoints saved by those
 scripts import cleanly (``kdjax.weights.load_reference_rd_checkpoint``).
 Submodule names follow the reference state-dict keys with "." before an
 index written as "_": ``bn.bn_layer.0.conv1`` -> ``bn/bn_layer_0/conv1``,

@@ -3,7 +3,7 @@
 Computes the same function as ``torchvision.models.resnet`` (BasicBlock and
 Bottleneck with the stride on the 3x3 conv, "ResNet v1.5") so that the
 ImageNet weights of torchvision can be ported (see ``kdjax.weights``).
-Porting pitfalls handled here, as listed in METHODS.md "Shared parts":
+Porting pitfalls handled here, as listed in docs/METHODS.md "Shared parts":
 
 * explicit symmetric padding everywhere (Flax 'SAME' pads stride-2 convs
   asymmetrically, torch pads symmetrically);
@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdjax import backends
 from kdjax.models import fastconv
 
 Dtype = Any
@@ -122,8 +123,8 @@ def block_output(x):
     always true but hidden behind an optimization barrier so that XLA cannot
     fold the conditional away. The other branch is never taken; it only has to
     differ from the first (XLA merges a conditional with identical branches).
-    Other backends get ``x`` unchanged."""
-    if jax.default_backend() != "cpu":
+    Other backends (and :func:`kdjax.backends.use` "portable") get ``x`` unchanged."""
+    if not backends.cpu_kernels():
         return x
     always = jax.lax.optimization_barrier(jnp.ones((), bool))
     return jax.lax.cond(always, lambda v: v, jnp.zeros_like, x)

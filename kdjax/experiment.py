@@ -1,0 +1,287 @@
+"""Orchestration of a run: every category (and variant) of a config is trained
+(kdjax/train.py), calibrated into a model artifact (map normalization and
+decision threshold, kdjax/inference.py), evaluated on its test set, and
+reported (kdjax/evaluate.py).
+
+``train_and_evaluate(config, workdir, mode)`` is the entry point of
+``python -m kdjax.main``, the notebooks and the tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from kdjax import config as config_lib
+from kdjax import inference
+from kdjax.data.category import WITH_VALIDATION_SPLIT, CategoryData, dataset_root, load_category
+from kdjax.devices import make_mesh
+from kdjax.methods import get_method
+from kdjax.train import train_category
+from kdjax.workdir import setup_logging, workdir_lock
+
+log = logging.getLogger("kdjax")
+
+MODES = ("train", "eval", "train_and_eval")
+
+
+# ---------------------------------------------------------------------------
+# Calibration: the model artifact
+# ---------------------------------------------------------------------------
+
+def teacher_source(config, method) -> str:
+    """The teacher weights actually loaded (``auto`` falling back to random says random)."""
+    return str(getattr(method, "teacher_source", None) or config.teacher.weights)
+
+
+def build_model(config, method, ts, frozen, cat: CategoryData, mesh) -> inference.Model:
+    """The trained variables, normalized on the held-out images and with a
+    decision threshold (``eval.threshold``): the model a user takes away."""
+    from kdjax import weights
+
+    source = teacher_source(config, method)
+    mconfig = copy.deepcopy(config)
+    with mconfig.unlocked():
+        if not config.get("init_from", ""):  # else the method reloads it from init_from
+            mconfig.teacher.weights = source
+        mconfig.data.category = cat.category
+    eval_dtype = str(config.eval.get("compute_dtype", "float32"))
+    if eval_dtype == str(config.train.compute_dtype):
+        imethod, ifrozen = method, frozen
+    else:  # e.g. trained in bf16, evaluated in fp32: rebuild the modules and the teacher
+        imethod = get_method(inference.inference_config(mconfig))
+        s = int(config.data.image_size)
+        ifrozen = imethod.inference_init((1, s, s, 3))
+    arch = getattr(method, "arch", None) or str(config.teacher.arch)
+    prov = weights.teacher_provenance(arch, source, int(config.teacher.width_divisor))
+    host_ts = jax.device_get({"params": ts["params"], "state": ts["state"]})
+    model = inference.Model(mconfig, imethod, host_ts["params"], host_ts["state"], ifrozen,
+                            mesh=mesh, provenance=prov, step=int(jax.device_get(ts["step"])))
+    val_scores = val_labels = train_scores = None
+    if inference.needs_normalization(imethod):
+        comps = model.components(cat.val)
+        model.norm = inference.map_normalization(comps, tuple(config.eval.quantiles))
+        val_scores = model.finish_components(comps)[1]
+    rule = config.eval.get("threshold", "auto")
+    fixed = not isinstance(rule, str) or inference._is_number(rule)
+    if not fixed:
+        if val_scores is None and cat.val is not None and len(cat.val):
+            val_scores = model.predict(cat.val)[1]
+        if val_scores is not None:
+            val_labels = np.array([int(r.label) for r in cat.val_records])
+        else:
+            train_scores = model.predict(cat.train)[1]
+    where = ("validation split" if config.data.dataset in WITH_VALIDATION_SPLIT
+             else "held-out training images, data.validation_fraction")
+    model.threshold = inference.choose_threshold(config, val_scores, val_labels, train_scores,
+                                                 val_source=where)
+    return model
+
+
+def save_model(model: inference.Model, workdir: str) -> Optional[str]:
+    if jax.process_index() != 0:
+        return None
+    path = model.save(inference.model_dir(workdir, model.category))
+    log.info("[%s] model written to %s (threshold %.5g: %s)", model.category, path,
+             model.threshold_value, model.threshold["note"])
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Evaluation of one category
+# ---------------------------------------------------------------------------
+
+def evaluate_category(config, model: inference.Model, cat: CategoryData, workdir: str,
+                      weight_variants: Dict[str, Dict[str, float]]):
+    """Maps of the test set -> metrics for each map-weight variant (host side);
+    returns ({variant: metrics}, threshold report of the first variant)."""
+    from kdjax import data, evaluate
+
+    ds = config.data.dataset
+    size = int(config.data.image_size)
+    records = data.list_records(ds, cat.root, cat.category, "test")
+    images, records = data.load_images(records, size, on_corrupt=config.data.on_corrupt)
+    t0 = time.time()
+    comps = model.components(images)
+    log.info("[%s] inference on %d test images: %.1f img/s", cat.category, len(images),
+             len(images) / max(time.time() - t0, 1e-9))
+    original = config.eval.resolution == "original"
+    sizes = data.original_sizes(records) if original else None
+    if ds in WITH_VALIDATION_SPLIT:
+        regions = [data.load_regions(r, None if original else size) for r in records]
+        masks = None
+    else:
+        # A folder dataset may come without masks: then image-level metrics only.
+        masks = data.load_masks(records, None if original else size) if data.has_masks(
+            records) else None
+        regions = None
+    labels = np.array([r.label for r in records])
+    results, report = {}, None
+    for vname, weights in weight_variants.items():
+        eval_maps, scores = model.finish_components(comps, sizes, weights)
+        results[vname] = evaluate.category_metrics(
+            ds, eval_maps, records, masks=masks, regions=regions,
+            per_image_pro=bool(config.eval.pro_per_image))
+        if vname != next(iter(weight_variants)):
+            continue
+        report = dict(model.threshold or {})
+        if model.threshold_value is not None:
+            report["test"] = inference.confusion_at(labels, scores, model.threshold_value)
+        if jax.process_index() == 0:
+            maps = model.finish_components(comps, None, weights)[0] if original else eval_maps
+            fig_masks = data.load_masks(records, size) if data.has_masks(records) else None
+            evaluate.save_figures(
+                os.path.join(workdir, "figures"), cat.category, images, maps, labels, scores,
+                masks=fig_masks, names=[os.path.relpath(r.image_path, cat.root) for r in records],
+                num=int(config.eval.num_figures), seed=int(config.seed),
+                kinds=[r.anomaly_kind or ("good" if r.label == 0 else "anomalous")
+                       for r in records])
+            if config.eval.export_tiff:
+                evaluate.export_tiff(os.path.join(workdir, "anomaly_maps"), cat.category,
+                                     records, eval_maps)
+    return results, report
+
+
+# ---------------------------------------------------------------------------
+# Orchestration
+# ---------------------------------------------------------------------------
+
+def _weight_variants(config, method) -> Dict[str, Dict[str, float]]:
+    out = {"default": inference.map_weights(config, method)}
+    for name, w in (config.eval.get("weight_variants", None) or {}).items():
+        out[name] = {k: float(w.get(k, 0.0)) for k in method.map_names}
+    return out
+
+
+def _variant_configs(config) -> Dict[str, ml_collections.ConfigDict]:
+    """One config per entry of config.variants ({name: {"dotted.key": value}})."""
+    variants = config.get("variants", None)
+    if not variants:
+        return {}
+    out = {}
+    for name, overrides in variants.items():
+        c = copy.deepcopy(config)
+        with c.unlocked():
+            c.variants = ml_collections.ConfigDict()
+            for key, value in overrides.items():
+                if not key.startswith("eval.map_weights."):  # the one open section
+                    node = c
+                    for part in key.split("."):
+                        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                            raise ValueError(
+                                f"Variant {name!r} overrides {key!r}, which is not a config key.")
+                        node = node[part]
+                c.update_from_flattened_dict({key: value})
+        out[name] = c
+    return out
+
+
+def _training_signature(config) -> str:
+    """Hash of everything that changes training (not eval.*), to share checkpoints."""
+    d = config.to_dict()
+    d.pop("eval", None)
+    d.pop("variants", None)
+    d.pop("targets", None)
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def run_config(config, workdir: str, mode: str, ckpt_root: str,
+               write_model: bool = True) -> Dict[str, Any]:
+    """Train and/or evaluate every category of one config; returns per-variant
+    categories and the threshold report per category."""
+    mesh = make_mesh()
+    root = dataset_root(config, workdir)
+    cats = config_lib.categories_of(config)
+    per_variant: Dict[str, Dict[str, Dict[str, float]]] = {}
+    thresholds: Dict[str, Any] = {}
+    method = None
+    for cat_name in cats:
+        cat_config = copy.deepcopy(config)
+        with cat_config.unlocked():
+            cat_config.data.category = cat_name
+        method = get_method(cat_config)  # per category: e.g. MRKD's NSA settings
+        cat = load_category(cat_config, root, cat_name, inference.needs_normalization(method),
+                            method.name)
+        ckpt_dir = os.path.join(ckpt_root, cat_name)
+        ts, frozen = train_category(cat_config, method, cat, ckpt_dir, mesh,
+                                    train=mode in ("train", "train_and_eval"),
+                                    metrics_path=os.path.join(workdir, "train_metrics.jsonl"))
+        model = build_model(cat_config, method, ts, frozen, cat, mesh)
+        if write_model:
+            save_model(model, workdir)
+        if mode in ("eval", "train_and_eval"):
+            res, thresholds[cat_name] = evaluate_category(cat_config, model, cat, workdir,
+                                                          _weight_variants(config, method))
+            for v, m in res.items():
+                per_variant.setdefault(v, {})[cat_name] = m
+            log.info("[%s] %s", cat_name, ", ".join(
+                f"{k}={v:.4f}" for k, v in res["default"].items()
+                if k in ("image_auroc", "logical_auroc", "structural_auroc", "pixel_auroc",
+                         "au_pro", "au_spro_0.05") and v == v))
+    return {"method": method, "per_variant": per_variant, "thresholds": thresholds,
+            "teacher_source": teacher_source(config, method) if method else ""}
+
+
+def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> Dict[str, Any]:
+    """Entry point used by kdjax.main, the notebooks and the tests."""
+    if mode not in MODES:
+        raise ValueError(f"--mode must be one of {', '.join(MODES)} here, not {mode!r}.")
+    config_lib.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    setup_logging(workdir)
+    with workdir_lock(workdir):
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
+        variants = _variant_configs(config)
+        runs = variants or {"default": config}
+        collected: Dict[str, Dict[str, Dict[str, float]]] = {}
+        method, first = None, None
+        for vname, vconfig in runs.items():
+            ckpt_root = os.path.join(workdir, "checkpoints")
+            if variants:
+                ckpt_root = os.path.join(ckpt_root, _training_signature(vconfig))
+                log.info("=== variant %s ===", vname)
+            # The model artifact (model/<category>) is the first run's.
+            out = run_config(vconfig, workdir, mode, ckpt_root, write_model=first is None)
+            first = first or out
+            method = out["method"]
+            for wname, cats in out["per_variant"].items():
+                name = vname if wname == "default" else (
+                    wname if not variants else f"{vname}/{wname}")
+                collected[name] = cats
+        if mode == "train":
+            return {}
+        return _write_report(config, workdir, method, collected, first)
+
+
+def _write_report(config, workdir, method, collected, first):
+    from kdjax import evaluate
+
+    main_name = next(iter(collected))
+    teacher = method.teacher_description()
+    extra: Dict[str, Any] = {"thresholds": first["thresholds"]}
+    if "random" in str(first["teacher_source"]):
+        extra["warning"] = ("The teacher has RANDOM weights: these numbers do not measure the "
+                            "method. Get the ImageNet weights with: python tools/port_weights.py "
+                            "--arch " + str(config.teacher.arch) + " --src auto")
+    targets = config.targets.to_dict() if config.targets else None
+    if config.get("targets_source", ""):
+        extra["targets_source"] = config.targets_source
+    variants = {k: v for k, v in collected.items()} if len(collected) > 1 else None
+    results = {}
+    if jax.process_index() == 0:
+        results = evaluate.write_results(
+            workdir, config.method, config.data.dataset, teacher, collected[main_name],
+            targets=targets, variants=variants, extra=extra)
+        log.info("Results written to %s", os.path.join(workdir, "results.json"))
+    return results

@@ -1,0 +1,218 @@
+"""The model a user takes away, through the commands as documented, on every config.
+
+For each file in configs/ (tiny widths, 2 training steps, the conftest's tiny
+datasets): ``python -m kdjax.main --config=... --workdir=W`` writes the model
+artifact; ``Predictor.from_workdir(W)`` loads it without training machinery;
+``--mode=predict`` scores a folder; ``--mode=export`` writes model.jax, whose
+deserialized function equals the Model on the same images. Plus
+``--mode=eval --config.init_from=...`` on reference checkpoints with no
+orbax checkpoint, and the threshold rules.
+"""
+
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py"))
+GOLDEN = os.path.join(REPO, "tests", "golden")
+
+
+def cli(*args, expect=0):
+    """``python -m kdjax.main ARGS`` as a user runs it; returns the completed process."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-m", "kdjax.main", *args], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == expect, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    return p
+
+
+def tiny_args(name, roots):
+    """--config.* overrides that make configs/<name>.py tiny (a random teacher)."""
+    from kdjax.config import load_config
+
+    c = load_config(name)
+    args = ["--config.teacher.weights=random", "--config.teacher.allow_random=True",
+            "--config.train.steps=2", "--config.train.batch_size=2",
+            "--config.train.steps_per_call=2", "--config.train.checkpoint_every=1",
+            "--config.train.log_every=2", "--config.eval.batch_size=4",
+            "--config.eval.num_figures=2"]
+    if c.method == "efficientad":
+        args += ["--config.efficientad.channels_divisor=16", "--config.data.image_size=64"]
+    else:
+        args += ["--config.teacher.width_divisor=16", "--config.data.image_size=32"]
+    ds = c.data.dataset
+    if ds == "mvtec_ad":
+        args += [f"--config.data.root={roots['mvtec_ad']}", "--config.data.category=bottle"]
+    elif ds == "mvtec_loco":
+        args += [f"--config.data.root={roots['loco']}", "--config.data.category=breakfast_box"]
+    elif ds == "synthetic":
+        args += [f"--config.data.root={roots['synthetic']}"]
+    return args, c
+
+
+@pytest.fixture(scope="module")
+def roots(mini_mvtec_ad_root, mini_loco_root, tiny_synthetic_root):
+    return {"mvtec_ad": mini_mvtec_ad_root, "loco": mini_loco_root,
+            "synthetic": tiny_synthetic_root}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_trained_model_predicts_and_exports_through_the_cli(name, roots, tmp_path):
+    from kdjax import inference
+    from kdjax.export import run_exported
+    from kdjax.predict import Predictor
+
+    args, c = tiny_args(name, roots)
+    wd = str(tmp_path / "w")
+    cli(f"--config=configs/{name}.py", f"--workdir={wd}", *args)
+
+    # The artifact: one model per category, no optimizer state; one checkpoint left.
+    (cat,) = inference.workdir_categories(wd)
+    mdir = os.path.join(wd, "model", cat)
+    desc = json.load(open(os.path.join(mdir, "model.json")))
+    assert desc["method"] == c.method and desc["input_size"] == (64 if c.method ==
+                                                                 "efficientad" else 32)
+    assert desc["threshold"]["value"] is not None and desc["teacher"]["source"] == "random"
+    assert desc["threshold"]["rule"] in ("quantile", "f1_val")
+    ckpt_dirs = glob.glob(os.path.join(wd, "checkpoints", "**", cat), recursive=True)
+    assert ckpt_dirs  # one per training variant, each with only its last checkpoint
+    for d in ckpt_dirs:
+        assert [s for s in os.listdir(d) if s.isdigit()] == ["2"], d
+    results = json.load(open(os.path.join(wd, "results.json")))
+    t = results["thresholds"][cat]
+    assert t["value"] == pytest.approx(desc["threshold"]["value"])
+    assert set(t["test"]) >= {"precision", "recall", "tp", "fp"}
+    assert "Decision threshold" in open(os.path.join(wd, "results.md")).read()
+
+    # Predictor: without the config file, the dataset or an optimizer.
+    test_dir = os.path.join(c_root(roots, c), cat, "test")
+    files = sorted(glob.glob(os.path.join(test_dir, "*", "*.png")))
+    p = Predictor.from_workdir(wd)
+    maps, scores = p.predict(files)
+    s = p.image_size
+    assert maps.shape == (len(files), s, s) and np.all(np.isfinite(scores))
+    one_map, one_score = p.predict(files[0])  # one path, not its characters
+    np.testing.assert_allclose(one_score, scores[:1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="empty"):
+        p.predict([])
+
+    # --mode=predict on the test folder (config from the workdir).
+    out = str(tmp_path / "pred")
+    cli("--mode=predict", f"--workdir={wd}", f"--input={test_dir}", f"--output={out}",
+        "--maps", "--max_overlays=3")
+    rows = list(csv.DictReader(open(os.path.join(out, "predictions.csv"))))
+    assert [r["path"] for r in rows] == files
+    assert list(rows[0]) == ["path", "category", "score", "is_anomalous", "threshold"]
+    np.testing.assert_allclose([float(r["score"]) for r in rows], scores, rtol=1e-5, atol=1e-6)
+    thr = float(rows[0]["threshold"])
+    assert [r["is_anomalous"] == "True" for r in rows] == list(scores > thr)
+    assert len(os.listdir(os.path.join(out, "overlays"))) == 3
+    assert len(os.listdir(os.path.join(out, "maps"))) == len(files)
+
+    # --mode=export: model.jax equals the Model on the same images.
+    exp = str(tmp_path / "export")
+    cli("--mode=export", f"--workdir={wd}", f"--output={exp}")
+    images = p.load(files[:3])[0]
+    em, es, ea = run_exported(os.path.join(exp, cat, "model.jax"), images)
+    mm, ms = p.model.predict(images)
+    assert em.shape == mm.shape and float(np.abs(em - mm).max()) <= 1e-5
+    np.testing.assert_allclose(es, ms, atol=1e-5)
+    np.testing.assert_array_equal(ea, ms > p.threshold)
+    assert json.load(open(os.path.join(exp, cat, "model.json")))["export"]["model.jax"]
+    from kdjax.export import onnx_available
+
+    if onnx_available():  # the export extra: the ONNX model equals it too
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(os.path.join(exp, cat, "model.onnx"),
+                                    providers=["CPUExecutionProvider"])
+        om, os_, _ = sess.run(None, {sess.get_inputs()[0].name: images})
+        assert float(np.abs(om - mm).max()) <= 1e-4
+        np.testing.assert_allclose(os_, ms, atol=1e-4)
+
+
+def c_root(roots, c):
+    return {"mvtec_ad": roots["mvtec_ad"], "mvtec_loco": roots["loco"],
+            "synthetic": roots["synthetic"]}[c.data.dataset]
+
+
+def test_eval_of_a_reference_rd4ad_checkpoint_needs_no_orbax_checkpoint(roots, tmp_path):
+    """README: ``--config.init_from=ckpt.pth --mode=eval`` on a fresh workdir."""
+    from kdjax import weights
+    from kdjax.inference import load_model
+
+    wd = str(tmp_path / "w")
+    args, _ = tiny_args("mvtec_rd4ad", roots)
+    args = [a for a in args if "width_divisor" not in a]
+    ckpt = os.path.join(GOLDEN, "rd4ad_d32.pth")
+    cli("--config=configs/mvtec_rd4ad.py", f"--workdir={wd}", "--mode=eval",
+        f"--config.init_from={ckpt}", "--config.teacher.width_divisor=32", *args)
+    assert json.load(open(os.path.join(wd, "results.json")))["categories"]["bottle"]
+    model = load_model(wd)
+    want = weights.load_reference_rd_checkpoint(ckpt, width_divisor=32)["params"]
+    import jax
+    for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(model.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not os.path.exists(os.path.join(wd, "checkpoints", "bottle")) or not [
+        d for d in os.listdir(os.path.join(wd, "checkpoints", "bottle")) if d.isdigit()]
+
+
+def test_threshold_rules():
+    from kdjax.config import load_config
+    from kdjax.inference import choose_threshold, f1_max_threshold
+
+    c = load_config("demo")
+    val = np.linspace(0.0, 1.0, 101)
+    t = choose_threshold(c, val_scores=val, val_labels=np.zeros(101, int))
+    assert t["rule"] == "quantile" and t["value"] == pytest.approx(0.99) and not t["optimistic"]
+    t = choose_threshold(c, train_scores=val)
+    assert t["source"] == "train" and t["optimistic"] and "Optimistic" in t["note"]
+    labels = np.array([0, 0, 0, 1, 1])
+    scores = np.array([0.1, 0.2, 0.6, 0.5, 0.9])
+    t = choose_threshold(c, val_scores=scores, val_labels=labels)
+    assert t["rule"] == "f1_val" and t["value"] == pytest.approx(f1_max_threshold(labels,
+                                                                                  scores)[0])
+    with c.unlocked():
+        c.eval.threshold = "0.25"
+    assert choose_threshold(c)["value"] == 0.25
+    with c.unlocked():
+        c.eval.threshold = "f1_val"
+    with pytest.raises(ValueError, match="f1_val"):
+        choose_threshold(c, val_scores=val, val_labels=np.zeros(101, int))
+
+
+def test_eval_of_reference_efficientad_state_dicts(roots, tmp_path):
+    """``--config.init_from=<dir with teacher.pth, student.pth, autoencoder.pth>``:
+    the reference reproduction's weights, evaluated with no kdjax training; the
+    teacher statistics and map quantiles come from this category's images."""
+    import jax
+
+    from kdjax import weights
+    from kdjax.inference import load_model
+
+    wd = str(tmp_path / "w")
+    ref = os.path.join(GOLDEN, "efficientad_ref_s_d8")
+    cli("--config=configs/loco_efficientad.py", f"--workdir={wd}", "--mode=eval",
+        f"--config.init_from={ref}", "--config.teacher.weights=random",
+        "--config.teacher.allow_random=True", "--config.efficientad.out_channels=48",
+        "--config.efficientad.channels_divisor=8", "--config.data.image_size=256",
+        f"--config.data.root={roots['loco']}", "--config.data.category=breakfast_box",
+        "--config.eval.batch_size=4", "--config.eval.num_figures=0")
+    model = load_model(wd)
+    want = weights.load_reference_efficientad(ref, "S", 48, 8)
+    got = {"student": model.params["student"], "ae": model.params["ae"],
+           "teacher": model.frozen["teacher"]["params"]}
+    for role in got:
+        for a, b in zip(jax.tree_util.tree_leaves(want[role]["params"]),
+                        jax.tree_util.tree_leaves(got[role])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert model.provenance["file"] == os.path.join(ref, "teacher.pth")
+    std = np.asarray(model.state["teacher_std"])
+    assert np.all(std > 0) and not np.allclose(std, 1.0)  # computed, not the init value
