@@ -22,7 +22,7 @@ works the same way. The ImageNet penalty is off unless
 ``--config.efficientad.penalty_dir=/path/to/imagenet/train`` is given (as the
 reference with ``--imagenet_train_path none``).
 
-Recipe (METHODS.md "EfficientAD"): batch 1, 70,000 steps, Adam lr 1e-4 with
+Recipe (docs/METHODS.md "EfficientAD"): batch 1, 70,000 steps, Adam lr 1e-4 with
 weight decay 1e-5 (torch's L2 form), LR x0.1 after 95% of the steps, 256x256
 inputs; maps normalized with the 0.9 / 0.995 quantiles of the validation maps
 and combined 0.5 / 0.5; evaluated at LOCO's original resolution.

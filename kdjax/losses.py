@@ -44,7 +44,7 @@ def hard_feature_loss(distance: jax.Array, quantile: float = 0.999) -> jax.Array
     return jnp.sum(jnp.where(keep, d, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
 
 
-# --- Contextual affinity (CAD / DSKD; METHODS.md, "CAD") --------------------
+# --- Contextual affinity (CAD / DSKD; docs/METHODS.md, "CAD") --------------------
 #
 # The affinity of a feature map F with P = H*W positions and C channels is the
 # P x P matrix A = Fn Fn^T, Fn the per-position L2-normalized features: the

@@ -151,7 +151,7 @@ def _both_classes(labels: np.ndarray, what: str) -> bool:
 # ---------------------------------------------------------------------------
 
 def image_scores(maps) -> np.ndarray:
-    """Image score = max of each anomaly map (METRICS.md)."""
+    """Image score = max of each anomaly map (docs/METRICS.md)."""
     return np.array([float(np.max(m)) for m in as_map_list(maps)], dtype=np.float64)
 
 
@@ -441,7 +441,7 @@ def au_pro_per_image(masks, maps, labels=None, num_thresholds: int = 200,
 # ---------------------------------------------------------------------------
 
 def saturation_area(threshold: float, relative: bool, region_size: int) -> float:
-    """s = int(thr * |R|) when relative, else min(thr, |R|) (METRICS.md), at least 1 pixel."""
+    """s = int(thr * |R|) when relative, else min(thr, |R|) (docs/METRICS.md), at least 1 pixel."""
     s = float(int(threshold * region_size)) if relative else min(float(threshold), float(region_size))
     return max(s, 1.0)  # a region smaller than 1/thr pixels would otherwise divide by 0
 
@@ -546,7 +546,7 @@ def mvtec_ad_metrics(maps, labels, masks, per_image_pro: bool = True,
 
 
 def spro_key(limit: float, subset: Optional[str] = None) -> str:
-    """Metric name of INTERFACE.md, e.g. ``au_spro_0.05_logical`` / ``au_spro_0.05``."""
+    """Metric name of docs/INTERFACE.md, e.g. ``au_spro_0.05_logical`` / ``au_spro_0.05``."""
     base = f"au_spro_{limit:g}" if limit != 1.0 else "au_spro_1.0"
     return f"{base}_{subset}" if subset else base
 
@@ -554,7 +554,7 @@ def spro_key(limit: float, subset: Optional[str] = None) -> str:
 def loco_metrics(maps, labels, anomaly_kinds, regions,
                  names: Optional[Sequence[str]] = None,
                  fpr_limits: Iterable[float] = SPRO_FPR_LIMITS) -> Dict[str, float]:
-    """MVTec LOCO AD metrics, per METRICS.md.
+    """MVTec LOCO AD metrics, per docs/METRICS.md.
 
     logical_auroc (good + logical images), structural_auroc (good + structural),
     image_auroc = their mean (as LOCO papers report it), image_auroc_all (all

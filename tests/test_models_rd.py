@@ -4,7 +4,7 @@ Golden: tools/make_golden.py builds the reference OCBE ("bn") + decoder
 (de_wide_resnet50_2, MRKD with generation modules) at width/32 in torch and
 saves {"bn": ..., "decoder": ...} checkpoints plus outputs for random teacher
 features and FLM masks. tests/golden/reference_keys_*.txt are copies of
-spec/reference_checkpoints/*.txt (full-width key names and shapes of the
+docs/reference_checkpoints.md (full-width key names and shapes of the
 published code).
 """
 

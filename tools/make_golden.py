@@ -2,7 +2,7 @@
 
 Run with the torch venv (torch is never needed by kdjax itself):
 
-    /work/torch-venv/bin/python tools/make_golden.py [--out tests/golden]
+    <torch-venv>/bin/python tools/make_golden.py [--out tests/golden]
 
 Writes, for tiny reduced-width networks with the REAL torchvision block
 classes and state-dict key names, random weights and non-trivial BatchNorm
@@ -15,7 +15,7 @@ statistics, in eval mode:
 * ``rd4ad_d32.pth`` / ``mrkd_d32.pth``: {"bn": OCBE, "decoder": decoder}
   state dicts of the reference RD4AD / MRKD student (structure copied from
   hq-deng/RD4AD ``resnet.BN_layer`` / ``de_resnet`` and yuxin-jiang/MRKD,
-  see spec/reference_checkpoints/), and ``rd_d32.npz`` with random teacher
+  see docs/reference_checkpoints.md), and ``rd_d32.npz`` with random teacher
   features, FLM masks and the student outputs;
 * ``pdn_s_d8.pth`` (state dict), ``pdn_s_d8_whole.pth`` (a whole pickled
   nn.Sequential, as torch.save(model) writes it), ``pdn_m_d16.pth`` and
@@ -38,7 +38,7 @@ statistics, in eval mode:
 byte for byte as they are).
 
 (``tests/golden/reference_keys_*.txt`` are not generated here: they are
-copies of the spec's reference_checkpoints/*.txt, the full-width key names
+copies of the reference key lists (docs/reference_checkpoints.md), the full-width key names
 and shapes of the published RD4AD/MRKD code.)
 """
 

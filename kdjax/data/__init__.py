@@ -1,6 +1,6 @@
 """Datasets: MVTec AD, MVTec LOCO AD, image folders and kdjax's synthetic LOCO-layout set.
 
-The API the engine, the metrics and the notebooks call (DATA.md, INTERFACE.md):
+The API the engine, the metrics and the notebooks call (docs/DATA.md, docs/INTERFACE.md):
 
 * ``list_records(dataset, root, category, split)`` -> sorted ``Record`` list
 * ``split_train_val(records, fraction, seed)`` -> (train, val)

@@ -1,7 +1,7 @@
 """Dataset readers: MVTec AD, MVTec LOCO AD (and kdjax's synthetic set), folders.
 
 Everything here is host-side numpy + PIL; nothing imports TensorFlow or JAX.
-The layouts are those of /work/shared/spec/DATA.md:
+The layouts are those of docs/DATA.md:
 
 MVTec AD (and "folder", the same layout with any category name and optional masks)::
 
@@ -579,7 +579,7 @@ def _check_same_size(image_path: str, mask_path: str, mask_hw) -> Tuple[int, int
 
 def _binary_resize(mask01: np.ndarray, size: Optional[int]) -> np.ndarray:
     """Resize a {0,1} mask bilinearly (antialiased) to (S, S) and binarize at 0.5
-    (the reference code's Resize + ToTensor + gt > 0.5; METRICS.md)."""
+    (the reference code's Resize + ToTensor + gt > 0.5; docs/METRICS.md)."""
     if size is None:
         return mask01.astype(np.uint8)
     im = Image.fromarray((mask01 * 255).astype(np.uint8), "L")
@@ -635,7 +635,7 @@ def load_masks(records: Sequence[Record], size: Optional[int] = None) -> np.ndar
     """Ground-truth masks (N, H, W) uint8 in {0, 1}.
 
     Good images give zeros. size=S: MVTec AD/folder masks are resized
-    bilinearly to (S, S) and binarized at 0.5 (METRICS.md); LOCO records give
+    bilinearly to (S, S) and binarized at 0.5 (docs/METRICS.md); LOCO records give
     the union of their regions, each resized nearest-neighbour. size=None:
     original resolution (all images must then share one size).
     """

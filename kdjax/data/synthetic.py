@@ -1,6 +1,6 @@
 """kdjax's synthetic logical-anomaly dataset ("tray"), written in the MVTec LOCO AD layout.
 
-DATA.md, "Synthetic logical-anomaly dataset". Every image shows a tray with two
+docs/DATA.md, "Synthetic logical-anomaly dataset". Every image shows a tray with two
 compartments, divided by a bar:
 
 * left compartment: three slots, exactly TWO of them hold a round item; both

@@ -67,7 +67,9 @@ class Method:
         """``--config.init_from=path``: variables with the trained weights of a
         checkpoint written by the method's reference code (a ValueError where the
         method has none)."""
-        raise ValueError(f"config.init_from: {self.name} has no reference checkpoint format to "
+        from kdjax.errors import ConfigError
+
+        raise ConfigError(f"config.init_from: {self.name} has no reference checkpoint format to "
                          "import; leave init_from empty.")
 
     def teacher_description(self) -> str:

@@ -255,7 +255,9 @@ class CAD(RD4AD):
                 "frozen": local["frozen"]}
 
     def import_reference(self, variables, path):
-        raise ValueError("config.init_from: CAD has no public reference code, so there is no "
+        from kdjax.errors import ConfigError
+
+        raise ConfigError("config.init_from: CAD has no public reference code, so there is no "
                          "reference checkpoint to import; leave init_from empty.")
 
     def inference_init(self, image_shape):

@@ -1,6 +1,6 @@
 """MRKD: masked reverse knowledge distillation (Jiang, Cao, Shen, KBS 2023).
 
-RD4AD plus two training-time masks (METHODS.md):
+RD4AD plus two training-time masks (docs/METHODS.md):
 - ILM (image-level masking): the student path sees OCBE(teacher(x~)) with x~
   an NSA "swap" anomaly of the same image (kdjax.methods.nsa, per-category
   settings); the target stays teacher(x) of the clean image.

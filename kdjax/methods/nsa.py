@@ -75,7 +75,7 @@ def _p(h, w, n, obj=None, ovl=None, bg=None):
     return NSAParams(h, w, n, obj, ovl, bg)
 
 
-# Per-category settings of the published MRKD training (METHODS.md table).
+# Per-category settings of the published MRKD training (docs/METHODS.md table).
 CATEGORY_PARAMS = {
     "bottle": _p((0.03, 0.4), (0.03, 0.4), 3, 0.7, 0.25, (200, 60)),
     "cable": _p((0.01, 0.05), (0.01, 0.1), 3),

@@ -11,10 +11,10 @@
   reference RD4AD/MRKD student checkpoints and the reference EfficientAD
   teacher/student/autoencoder are mapped onto the Flax modules of
   ``kdjax.models`` (conv OIHW -> HWIO, BatchNorm weight/bias -> params
-  scale/bias, running_mean/var -> batch_stats mean/var; METHODS.md "Shared
+  scale/bias, running_mean/var -> batch_stats mean/var; docs/METHODS.md "Shared
   parts"), with a shape check that names the first missing or mismatched key.
 * ``cache``: :func:`load_teacher` resolves ``teacher.weights``
-  (INTERFACE.md): a .pth path, a ported ``.npz`` file, ``"auto"`` (cache,
+  (docs/INTERFACE.md): a .pth path, a ported ``.npz`` file, ``"auto"`` (cache,
   else download with sha256 check, else a message saying what to download
   and where to put it), or ``"random"``; :func:`teacher_provenance` /
   :func:`check_provenance` record and verify which file a model was trained

@@ -1,6 +1,6 @@
 """Teacher weight files: the cache, downloads, sha256, ported .npz files, ``load_teacher``.
 
-:func:`load_teacher` resolves ``teacher.weights`` (INTERFACE.md): a .pth
+:func:`load_teacher` resolves ``teacher.weights`` (docs/INTERFACE.md): a .pth
 path, a ported ``.npz`` file, ``"auto"`` (cache, else download with sha256
 check, else a message saying what to download and where to put it), or
 ``"random"``.
@@ -285,7 +285,7 @@ def load_teacher_described(arch: str, source: str, width_divisor: int = 1, dtype
 
 
 def load_teacher(arch: str, source: str, width_divisor: int = 1, dtype=None, **module_kw):
-    """Teacher module and its variables (INTERFACE.md, ``teacher.weights``).
+    """Teacher module and its variables (docs/INTERFACE.md, ``teacher.weights``).
 
     Args:
       arch: "resnet18", "resnet34", "resnet50", "wide_resnet50_2",

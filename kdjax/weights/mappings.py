@@ -5,7 +5,7 @@ RD4AD/MRKD student checkpoints and the reference EfficientAD teacher,
 student and autoencoder (:func:`load_reference_efficientad`) are mapped
 onto the Flax modules of ``kdjax.models`` (conv OIHW -> HWIO, BatchNorm
 weight/bias -> params scale/bias, running_mean/var -> batch_stats
-mean/var; METHODS.md "Shared parts"), with a shape check that names the
+mean/var; docs/METHODS.md "Shared parts"), with a shape check that names the
 first missing or mismatched key.
 """
 
@@ -251,7 +251,7 @@ def load_reference_rd_checkpoint(path, width_divisor: int = 1, generation: bool 
     """Imports a checkpoint saved by the reference RD4AD / MRKD training scripts.
 
     The file holds {"bn": OCBE state dict, "decoder": decoder state dict}
-    (layouts in spec/reference_checkpoints/); returns {"params", "batch_stats"}
+    (layouts in docs/reference_checkpoints.md); returns {"params", "batch_stats"}
     for ``kdjax.models.rd.RDStudent(width_divisor, generation)``. Unused
     reference tensors (bn.conv4/bn4, MRKD's decoder.conv1,
     num_batches_tracked) are skipped; every other tensor must land on a Flax
