@@ -41,13 +41,19 @@ def restore(mngr, ts_template):
 
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, ts_template)
     steps = sorted(mngr.all_steps(), reverse=True)
+    bad = []
     for step in steps:
         try:
-            return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+            out = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # orbax / TensorStore raise many kinds
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            log.warning("Checkpoint %s is unreadable (%s); trying the one before it.",
-                        os.path.join(str(mngr.directory), str(step)), first)
+            log.warning("Checkpoint %s is unreadable (%s); deleting it and trying the one "
+                        "before it.", os.path.join(str(mngr.directory), str(step)), first)
+            bad.append(step)
+            continue
+        for b in bad:  # training saves these steps again
+            mngr.delete(b)
+        return out
     if steps:
         raise CorruptCheckpointError(
             f"No checkpoint in {mngr.directory} can be read (steps {', '.join(map(str, steps))}): "

@@ -196,8 +196,10 @@ def train_category(config, method, cat: CategoryData, ckpt_dir: str, mesh: Mesh,
     next_ckpt = (start // ckpt_every + 1) * ckpt_every
     if metrics_path and jax.process_index() == 0:
         _drop_metrics_after(metrics_path, cat.category, start)  # steps redone after a resume
+    stop = _StopOnSigint()
     try:
         while step < steps:
+            stop.check()
             n = min(per_call, steps - step)
             if n not in fns:
                 fns[n] = make_train_fn(method, tx, mesh, batch, n)
@@ -238,10 +240,43 @@ def train_category(config, method, cat: CategoryData, ckpt_dir: str, mesh: Mesh,
     except BaseException:
         mngr.close()
         raise
+    finally:
+        stop.restore()
     checkpoints.keep_only_latest(mngr)
     mngr.close()
     log.info("[%s] trained in %s", cat.category, _fmt_time(time.time() - t0))
     return ts, frozen
+
+
+class _StopOnSigint:
+    """The first Ctrl-C stops training between two device calls (never inside a
+    checkpoint save); a second one interrupts at once."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: stopping after this step (press again to stop at once).")
+
+    def check(self):
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def restore(self):
+        if self.previous is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def _diverged_message(config, category, losses, bad_step, last, ckpt_dir) -> str:

@@ -300,7 +300,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monk
             loss = jnp.where(state["count"] >= 3, jnp.nan, loss)
             return loss, ({**new_state, "count": state["count"] + 1}, m)
 
-    monkeypatch.setattr(train, "get_method", lambda c: Exploding(c))
+    from kdjax import experiment
+
+    monkeypatch.setattr(experiment, "get_method", lambda c: Exploding(c))
     c = tiny_config("rd4ad", **{"data.root": data_root, "train.steps": 6})
     with pytest.raises(train.TrainingDivergedError, match=r"step 4.*last good checkpoint \(step 2\)"):
         _run(c, tmp_path, "train")
