@@ -1,16 +1,43 @@
 """Base configuration and validation with messages that say what to do.
 
 Every config file in configs/ starts from ``base_config()`` and overrides
-what its experiment needs; ``validate(config)`` runs before anything else.
+what its experiment needs; ``validate(config)`` runs before anything else
+(before any data is read or any model is built) and raises
+:class:`kdjax.errors.ConfigError` / :class:`kdjax.errors.DataError` (both
+ValueErrors) with one line naming the key, the bad value and the fix.
+
+Keys: the sections ``data``, ``train``, ``eval``, ``teacher`` and
+``distributed`` hold exactly the keys of ``base_config()``: a key that it does
+not know (a typo such as ``train.stepz``) is refused with the closest known
+keys. Open sections, checked by their own code: the method sections
+(``config.cad``, ``config.efficientad``, ``config.mrkd``), ``config.targets``,
+``config.variants``, ``eval.map_weights`` and ``eval.weight_variants``. A config
+file may add top-level keys holding plain values (``configs/loco_cad.py``'s
+``ablation``).
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 
 import ml_collections
 
 from kdjax.data.types import DATASETS, MVTEC_AD_CATEGORIES, MVTEC_LOCO_CATEGORIES
+from kdjax.errors import ConfigError, ConfigFileNotFoundError, DataError
+
+OPTIMIZERS = ("adam", "sgd")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+THRESHOLD_RULES = ("auto", "f1_val", "quantile")
+DEFAULT_VALIDATION_FRACTION = 0.1
+# Methods whose optimizer applies train.weight_decay (EfficientAD: torch Adam's L2 term).
+WEIGHT_DECAY_METHODS = ("efficientad",)
+# Sections whose keys must be those of base_config(); subsections left open.
+CHECKED_SECTIONS = ("data", "train", "eval", "teacher", "distributed")
+OPEN_SUBSECTIONS = ("eval.map_weights", "eval.weight_variants")
+OPEN_TOP_LEVEL = ("targets", "variants")  # and the method sections (kdjax.methods.METHODS)
+DEPRECATED_KEYS = ("data.val_fraction",)  # still accepted, never suggested
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -31,7 +58,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.category = "bottle"  # one name, a comma-separated list, or "all"
     c.data.image_size = 256
     c.data.on_corrupt = "raise"  # raise | skip (a corrupt image file)
-    c.data.val_fraction = 0.1  # MVTec AD/folder: held-out train images when a method needs validation
+    # MVTec AD / folder datasets: the seeded fraction of train/good held out as a validation
+    # set (map normalization, decision threshold); 0: none. LOCO has its own validation/.
+    c.data.validation_fraction = DEFAULT_VALIDATION_FRACTION
+    # DEPRECATED old name of data.validation_fraction, still read: validate() copies whichever
+    # of the two was changed from the default into the other (setting both differently is
+    # refused). It will be removed once no code or notebook reads it.
+    c.data.val_fraction = DEFAULT_VALIDATION_FRACTION
     c.data.synthetic_seed = 0
     c.data.synthetic_size = 256  # resolution of the generated synthetic images
     c.data.synthetic_counts = (200, 40, 40, 40, 40)  # train, val, test good/logical/structural
@@ -53,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.learning_rate = 0.005
     c.train.b1 = 0.5
     c.train.b2 = 0.999
-    c.train.weight_decay = 0.0
+    c.train.weight_decay = 0.0  # only method efficientad applies it (torch Adam's L2 term)
     c.train.steps_per_call = 10  # steps run on the device per host call (lax.scan)
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
@@ -65,6 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.cache_teacher = True
     c.train.cache_teacher_max_gb = 4.0
     c.train.interrupt_after = 0  # tests: simulate an interruption after this step
+    # Start this workdir's training over (discard its checkpoints) instead of resuming.
+    c.train.restart = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 16
@@ -77,6 +112,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.gaussian_sigma = 4.0
     # Extra map-weight variants evaluated from the same model: {name: {component: weight}}.
     c.eval.weight_variants = ml_collections.ConfigDict()
+    # The decision threshold on image scores (good / anomalous): "auto" (F1-max on a labelled
+    # validation set when there is one, else "quantile"), "f1_val", "quantile" (the
+    # eval.threshold_quantile quantile of held-out good images' scores) or a number (a fixed
+    # score threshold; on the command line --config.eval.threshold=0.5).
+    c.eval.threshold = ml_collections.FieldReference("auto", field_type=object)
+    c.eval.threshold_quantile = 0.99
+    # Precision of inference, evaluation and export (float32 | bfloat16); training's is
+    # train.compute_dtype.
+    c.eval.compute_dtype = "float32"
 
     # Training variants side by side: {name: {"dotted.key": value}}; each is trained in
     # its own checkpoint directory (shared by variants whose training is identical).
@@ -87,6 +131,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.targets_source = ""
     return c
 
+
+# ---------------------------------------------------------------------------
+# Categories
+# ---------------------------------------------------------------------------
 
 def categories_of(config) -> list:
     """The list of categories a config names (expands "all" and comma lists)."""
@@ -100,81 +148,511 @@ def categories_of(config) -> list:
     if cat == "all":
         if known is None:
             if not config.data.root or not os.path.isdir(config.data.root):
-                raise ValueError(f"data.category=all needs an existing data.root for dataset {ds!r}.")
+                raise DataError(
+                    f"data.category=all needs an existing data.root for dataset {ds!r}.")
             return sorted(d for d in os.listdir(config.data.root)
                           if os.path.isdir(os.path.join(config.data.root, d, "train")))
         return list(known)
     cats = [c.strip() for c in cat.split(",") if c.strip()]
     if not cats:
-        raise ValueError("data.category is empty: name a category, a comma-separated list, or 'all'.")
+        raise ConfigError(
+            "data.category is empty: name a category, a comma-separated list, or 'all'.")
     if known is not None:
         bad = [c for c in cats if c not in known]
         if bad:
-            raise ValueError(
-                f"Unknown {ds} category {bad[0]!r}. Known categories: {', '.join(known)} (or 'all').")
+            close = difflib.get_close_matches(bad[0], known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"Unknown {ds} category {bad[0]!r}.{hint} Known categories: {', '.join(known)} "
+                "(or 'all').")
     return cats
 
 
-def validate(config) -> None:
-    """Raise ValueError with a clear message for a config that cannot run."""
-    from kdjax.methods import METHODS
+def _has_image_file(folder: str) -> bool:
+    """Whether ``folder`` (or a folder below it) holds an image file (hidden files skipped)."""
+    from kdjax.data.readers import IMAGE_EXTENSIONS
 
-    if config.method not in METHODS:
-        raise ValueError(f"Unknown method {config.method!r}. Choose one of: {', '.join(METHODS)}.")
-    ds = config.data.dataset
-    if ds not in DATASETS:
-        raise ValueError(f"Unknown dataset {ds!r}. Choose one of: {', '.join(DATASETS)}.")
-    if ds != "synthetic":
-        root = config.data.root
-        if not root:
-            raise ValueError(
-                f"data.root is not set. Download the {ds} dataset (see README, 'Datasets') and "
-                f"pass --config.data.root=/path/to/it.")
-        if not os.path.isdir(root):
-            raise ValueError(
-                f"data.root {root!r} does not exist. Download the {ds} dataset from "
-                "https://www.mvtec.com/company/research/datasets (a person must accept the "
-                "licence) and pass its directory with --config.data.root=...")
-    categories_of(config)
-    size = int(config.data.image_size)
-    if size < 32 or size % 32:
-        raise ValueError(f"data.image_size={size}: must be a multiple of 32 and >= 32.")
-    if config.data.on_corrupt not in ("raise", "skip"):
-        raise ValueError("data.on_corrupt must be 'raise' or 'skip'.")
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                return True
+    return False
+
+
+def _layout_diagnosis(dataset: str, root: str, category: str):
+    """The readers' specific explanation of a missing category folder (the root is one
+    level too deep or shallow, or holds the other MVTec dataset), else None."""
+    from kdjax.data import readers
+
+    try:
+        readers._check_category_dir(dataset, root, category)
+    except readers.DatasetError as e:
+        msg = str(e)
+        if not msg.startswith(f"Category {category!r} not found"):
+            return msg
+    except Exception:  # the diagnosis is a courtesy; the caller's message stands
+        return None
+    return None
+
+
+def check_categories_present(config, root: str) -> list:
+    """Check that every category the config names is a folder of ``root`` with at least
+    one image under train/; return the categories. Raises DataError with one line naming
+    every missing or empty category and the root (for ``data.category=all`` or a list on a
+    partial download)."""
+    cats = categories_of(config)
+    missing = [c for c in cats if not os.path.isdir(os.path.join(root, c))]
+    empty = [c for c in cats if c not in missing
+             and not _has_image_file(os.path.join(root, c, "train"))]
+    if not missing and not empty:
+        return cats
+    if missing:
+        specific = _layout_diagnosis(config.data.dataset, root, missing[0])
+        if specific:
+            raise DataError(specific)
+    spec = str(config.data.category)
+    present = [c for c in cats if c not in missing and c not in empty]
+    parts, todo = [], []
+    if missing:
+        parts.append(
+            f"data.category={spec!r}: {len(missing)} of {len(cats)} categories "
+            f"{'is' if len(missing) == 1 else 'are'} not in data.root {root!r}: "
+            f"{', '.join(missing)}")
+        todo.append(f"download or extract {'it' if len(missing) == 1 else 'them'} into {root}")
+    if empty:
+        parts.append(
+            f"categor{'y' if len(empty) == 1 else 'ies'} {', '.join(empty)} in {root!r} "
+            f"{'has' if len(empty) == 1 else 'have'} no training images")
+        todo.append("put the training images in <root>/<category>/train/good/")
+    if present:
+        fix = (f"{' and '.join(todo)}, or train on the categories that are there: "
+               f"--config.data.category={','.join(present)}")
+    else:
+        found = sorted(d for d in os.listdir(root)
+                       if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+        fix = (f"{' and '.join(todo)}, or check --config.data.root and "
+               f"--config.data.category (the root holds: "
+               f"{', '.join(found) if found else 'no folders'})")
+    raise DataError("; ".join(parts) + "; " + fix + ".")
+
+
+# ---------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------
+
+def flat_keys(config, open_sections=(), sections: bool = False) -> list:
+    """Dotted names of every value in ``config``; a nested ConfigDict is walked unless its
+    dotted name is in ``open_sections`` (then it is one key). ``sections``: also list the
+    names of the ConfigDicts walked."""
+    out = []
+
+    def walk(d, prefix):
+        for k in d.keys():
+            path = prefix + str(k)
+            v = d[k]
+            if isinstance(v, ml_collections.ConfigDict) and path not in open_sections:
+                if sections:
+                    out.append(path)
+                walk(v, path + ".")
+            else:
+                out.append(path)
+
+    walk(config, "")
+    return out
+
+
+def closest_keys(key: str, known, n: int = 3) -> list:
+    """The known dotted keys closest to ``key``: abbreviations (lr -> learning_rate),
+    near spellings and prefixes in the same section, then the same name in another section,
+    then near spellings of the whole key."""
+    known = list(known)
+    section, _, leaf = key.rpartition(".")
+    leaves = {}
+    for k in known:
+        s, _, name = k.rpartition(".")
+        if s == section:
+            leaves.setdefault(name, k)
+    out: list = []
+
+    def add(ks):
+        for k in ks:
+            if k not in out and k != key and not key.startswith(k + "."):
+                out.append(k)
+
+    add(leaves[name] for name in leaves
+        if len(leaf) >= 2 and "".join(w[:1] for w in name.split("_") if w) == leaf)
+    add(leaves[name] for name in difflib.get_close_matches(leaf, list(leaves), n=n, cutoff=0.6))
+    add(leaves[name] for name in leaves
+        if len(leaf) >= 3 and (name.startswith(leaf) or leaf.startswith(name)))
+    add(leaves[name] for name in leaves if _word_prefixes(leaf, name))
+    add(k for k in known if k.rpartition(".")[2] == leaf)
+    add(k for k in known if len(leaf) >= 2 and "".join(
+        w[:1] for w in k.rpartition(".")[2].split("_") if w) == leaf)
+    others = [k for k in known if k.rpartition(".")[0] != section]
+    add(difflib.get_close_matches(key, others, n=n, cutoff=0.6))
+    return [k for k in out if k not in DEPRECATED_KEYS][:n]
+
+
+def _word_prefixes(short: str, name: str) -> bool:
+    """Whether every word of ``short`` starts a word of ``name``, in order (val_frac ->
+    validation_fraction)."""
+    words, target = [w for w in short.split("_") if w], [w for w in name.split("_") if w]
+    if len(words) < 2 or len(words) > len(target):
+        return False
+    i = 0
+    for w in words:
+        while i < len(target) and not target[i].startswith(w):
+            i += 1
+        if i == len(target):
+            return False
+        i += 1
+    return True
+
+
+def unknown_key_message(key: str, known, how: str = "") -> str:
+    """``key`` is not a config key; the closest known keys (or the section's keys). One
+    line, without a final full stop."""
+    known = list(known)
+    close = closest_keys(key, known)
+    section = key.rpartition(".")[0]
+    if close:
+        hint = f"closest known keys: {', '.join(close)}"
+    elif section and any(k.startswith(section + ".") for k in known):
+        names = [k.rpartition(".")[2] for k in known
+                 if k.rpartition(".")[0] == section and k not in DEPRECATED_KEYS]
+        hint = f"the keys of {section} are: {', '.join(names)}"
+    else:
+        tops = sorted({k.split(".")[0] for k in known})
+        hint = f"the top-level keys are: {', '.join(tops)}"
+    return f"unknown config key {key!r}{how}; {hint}"
+
+
+def unknown_keys(config, methods=None) -> list:
+    """Keys set in ``config`` that ``base_config()`` does not know, in the checked sections
+    (CHECKED_SECTIONS), plus unknown top-level sections (a ConfigDict or dict that is not a
+    base section, a method section, targets or variants). Top-level plain values are allowed."""
+    if methods is None:
+        from kdjax.methods import METHODS as methods
+    base = base_config()
+    known = set(flat_keys(base, OPEN_SUBSECTIONS))
+    bad = []
+    for sec in CHECKED_SECTIONS:
+        have = config.get(sec, None)
+        if not isinstance(have, ml_collections.ConfigDict):
+            continue
+        opened = tuple(s[len(sec) + 1:] for s in OPEN_SUBSECTIONS if s.startswith(sec + "."))
+        for k in flat_keys(have, opened):
+            full = f"{sec}.{k}"
+            if full not in known and not _under_open(full):
+                bad.append(full)
+    for k in config.keys():
+        if k in base or k in methods or k in OPEN_TOP_LEVEL:
+            continue
+        if isinstance(config[k], (ml_collections.ConfigDict, dict)):
+            bad.append(str(k))
+    return bad
+
+
+def _under_open(key: str) -> bool:
+    return any(key == s or key.startswith(s + ".") for s in OPEN_SUBSECTIONS)
+
+
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+
+def _is_number(v) -> bool:
+    if isinstance(v, bool):
+        return False
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+_REQUIRED = object()
+
+
+def _number(config, key: str, kind=float, default=_REQUIRED):
+    """config[key] (dotted) as a number, or ConfigError naming the key; ``default`` when
+    the key is absent (configs saved before the key existed) and a default is given."""
+    v = config
+    for part in key.split("."):
+        if default is not _REQUIRED and part not in v:
+            return default
+        v = v[part]
+    if not _is_number(v) or (kind is int and float(v) != int(float(v))):
+        raise ConfigError(f"{key}={v!r}: must be {'an integer' if kind is int else 'a number'}.")
+    return kind(float(v)) if kind is int else float(v)
+
+
+def threshold_setting(config):
+    """``eval.threshold`` as ("auto" | "f1_val" | "quantile", None) or ("fixed", value);
+    ConfigError for anything else. A number may be given as a string ("0.5")."""
+    v = config.eval.get("threshold", "auto")
+    if isinstance(v, str) and v in THRESHOLD_RULES:
+        return v, None
+    if _is_number(v):
+        value = float(v)
+        if not math.isfinite(value):
+            raise ConfigError(f"eval.threshold={v!r}: a fixed threshold must be a finite number.")
+        return "fixed", value
+    raise ConfigError(
+        f"eval.threshold={v!r}: use 'auto', 'f1_val', 'quantile' or a number (a fixed score "
+        "threshold, e.g. --config.eval.threshold=0.5).")
+
+
+def validation_fraction(config) -> float:
+    """The effective ``data.validation_fraction`` (read through the deprecated alias
+    ``data.val_fraction`` when only that one was changed from the default)."""
+    d = config.data
+    new = float(d.get("validation_fraction", DEFAULT_VALIDATION_FRACTION))
+    old = float(d.get("val_fraction", DEFAULT_VALIDATION_FRACTION))
+    if old != new and new == DEFAULT_VALIDATION_FRACTION:
+        return old
+    return new
+
+
+def _resolve_validation_fraction(config) -> None:
+    """Refuse conflicting values of data.validation_fraction and its deprecated alias
+    data.val_fraction; give both keys the effective value (code still reading either name
+    sees the same fraction)."""
+    d = config.data
+    new = _number(config, "data.validation_fraction") if "validation_fraction" in d else None
+    old = _number(config, "data.val_fraction") if "val_fraction" in d else None
+    if (new is not None and old is not None and new != old
+            and DEFAULT_VALIDATION_FRACTION not in (new, old)):
+        raise ConfigError(
+            f"data.val_fraction={old} and data.validation_fraction={new} disagree: "
+            "data.val_fraction is the deprecated old name of data.validation_fraction; set "
+            "only --config.data.validation_fraction.")
+    value = validation_fraction(config)
+    if not 0.0 <= value < 1.0:
+        name = "data.validation_fraction" if value == new else "data.val_fraction"
+        raise ConfigError(
+            f"{name}={value}: must be in [0, 1) (the fraction of train/good held out for "
+            "validation; 0: none; default 0.1).")
+    for k in ("validation_fraction", "val_fraction"):
+        if k in d and float(d[k]) != value:
+            try:
+                d[k] = value
+            except Exception:  # a frozen config: readers use validation_fraction(config)
+                pass
+
+
+def _check_keys(config, methods) -> None:
+    bad = unknown_keys(config, methods)
+    if not bad:
+        return
+    known = (flat_keys(base_config(), OPEN_SUBSECTIONS, sections=True) + list(methods)
+             + list(OPEN_TOP_LEVEL))
+    more = f" (also unknown: {', '.join(bad[1:4])})" if len(bad) > 1 else ""
+    raise ConfigError(unknown_key_message(bad[0], known, " in the config") + more +
+                      ". Fix its name in the config file (or the --config.<key> flag).")
+
+
+def _check_train(config) -> None:
+    t = config.train
+    method = config.method
+    opt = t.optimizer
+    if opt not in OPTIMIZERS:
+        raise ConfigError(
+            f"train.optimizer={opt!r} is not supported: use 'adam' (the papers') or 'sgd' "
+            "(--config.train.optimizer=adam).")
+    wd = _number(config, "train.weight_decay")
+    if not math.isfinite(wd) or wd < 0:
+        raise ConfigError(f"train.weight_decay={wd}: must be a finite number >= 0.")
+    if wd != 0 and method not in WEIGHT_DECAY_METHODS:
+        raise ConfigError(
+            f"train.weight_decay={wd}: method {method!r} does not apply weight decay (its "
+            f"optimizer follows its paper); only {', '.join(WEIGHT_DECAY_METHODS)} does. Set "
+            "--config.train.weight_decay=0.")
+    lr = _number(config, "train.learning_rate")
+    if not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(
+            f"train.learning_rate={lr}: must be a finite number > 0 (the shipped configs use "
+            "0.005 for RD4AD, MRKD and CAD, 1e-4 for EfficientAD).")
+    steps = _number(config, "train.steps", int)
+    if steps < 0:
+        raise ConfigError(
+            f"train.steps={steps}: must be >= 0 (0: derive the number of steps from "
+            "train.epochs).")
+    epochs = _number(config, "train.epochs", int)
+    if steps == 0 and epochs <= 0:
+        raise ConfigError(
+            f"train.steps=0 and train.epochs={epochs}: nothing to train; set "
+            "--config.train.steps=<N> or --config.train.epochs=<N> (N > 0).")
+    for key, what in (("train.batch_size", "images per step"),
+                      ("train.steps_per_call", "steps run per host call"),
+                      ("train.checkpoint_every", "steps between checkpoints")):
+        v = _number(config, key, int)
+        if v < 1:
+            raise ConfigError(f"{key}={v}: must be >= 1 ({what}).")
+    if t.compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(
+            f"train.compute_dtype={t.compute_dtype!r}: must be 'float32' or 'bfloat16'.")
+
+
+def _check_eval(config) -> None:
+    e = config.eval
+    b = _number(config, "eval.batch_size", int)
+    if b < 1:
+        raise ConfigError(f"eval.batch_size={b}: must be >= 1 (images per evaluation batch).")
+    if e.resolution not in ("input", "original"):
+        raise ConfigError(
+            f"eval.resolution={e.resolution!r}: must be 'input' or 'original'.")
+    threshold_setting(config)
+    q = _number(config, "eval.threshold_quantile", default=0.99)
+    if not 0.0 < q < 1.0:
+        raise ConfigError(
+            f"eval.threshold_quantile={q}: must be in (0, 1), e.g. 0.99 (the quantile of the "
+            "held-out good images' scores used as the threshold).")
+    dtype = e.get("compute_dtype", "float32")
+    if dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"eval.compute_dtype={dtype!r}: must be 'float32' or 'bfloat16'.")
+    qs = e.quantiles
+    ok = (isinstance(qs, (tuple, list)) and len(qs) == 2 and all(_is_number(x) for x in qs)
+          and 0.0 < float(qs[0]) < float(qs[1]) < 1.0)
+    if not ok:
+        raise ConfigError(
+            f"eval.quantiles={qs!r}: must be two increasing values in (0, 1), e.g. "
+            "(0.9, 0.995) (the map-normalization quantiles); on the command line "
+            "--config.eval.quantiles='(0.9, 0.995)'.")
+
+
+def _check_teacher(config) -> None:
     w = str(config.teacher.weights)
     if w == "random" and not config.teacher.allow_random:
-        raise ValueError(
+        raise ConfigError(
             "teacher.weights='random' is only allowed where the config sets "
             "teacher.allow_random=True (demos and tests): a random teacher gives meaningless "
             "results. Use 'auto' or a path to the torchvision .pth file.")
     if int(config.teacher.width_divisor) != 1 and w != "random":
-        raise ValueError("teacher.width_divisor != 1 only works with teacher.weights='random'.")
-    if config.train.batch_size < 1:
-        raise ValueError("train.batch_size must be >= 1.")
-    if config.train.compute_dtype not in ("float32", "bfloat16"):
-        raise ValueError("train.compute_dtype must be 'float32' or 'bfloat16'.")
-    if config.eval.resolution not in ("input", "original"):
-        raise ValueError("eval.resolution must be 'input' or 'original'.")
+        raise ConfigError("teacher.width_divisor != 1 only works with teacher.weights='random'.")
+
+
+def _check_files(config) -> None:
+    """Checks that look at the file system (cheap: no file is read)."""
+    w = str(config.teacher.weights)
+    if w not in ("auto", "random"):
+        if os.path.isdir(w):
+            raise ConfigError(
+                f"teacher.weights={w!r} is a directory: it must be a .pth or .npz FILE (a "
+                "torchvision checkpoint, or a port written by tools/port_weights.py), or "
+                "'auto' or 'random'.")
+        if not os.path.isfile(w):
+            raise ConfigError(
+                f"teacher.weights={w!r}: no such file; give a torchvision .pth or a ported .npz "
+                "file, 'auto' (the ImageNet weights, cached or downloaded) or 'random'.")
+    init_from = str(config.get("init_from", "") or "")
+    if init_from and not os.path.exists(init_from):
+        raise ConfigError(
+            f"init_from={init_from!r}: no such file or directory (a checkpoint of the "
+            "reference PyTorch code); leave init_from empty to train from scratch.")
+    ds = config.data.dataset
+    if ds != "synthetic":
+        root = config.data.root
+        if not root:
+            raise DataError(
+                f"data.root is not set. Download the {ds} dataset (see README, 'Datasets') and "
+                f"pass --config.data.root=/path/to/it.")
+        if not os.path.isdir(root):
+            raise DataError(
+                f"data.root {root!r} does not exist. Download the {ds} dataset from "
+                "https://www.mvtec.com/company/research/datasets (a person must accept the "
+                "licence) and pass its directory with --config.data.root=...")
+        check_categories_present(config, root)
+
+
+def validate(config) -> None:
+    """Refuse a config that cannot run, before any data is read or any model built.
+
+    Raises ConfigError / DataError (ValueErrors) with one line naming the key, the bad
+    value and the fix. Also resolves the deprecated alias data.val_fraction (see
+    base_config)."""
+    from kdjax.methods import METHODS
+
+    _check_keys(config, METHODS)
+    if config.method not in METHODS:
+        close = difflib.get_close_matches(str(config.method), METHODS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"Unknown method {config.method!r}.{hint} Choose one of: {', '.join(METHODS)}.")
+    ds = config.data.dataset
+    if ds not in DATASETS:
+        raise ConfigError(f"Unknown dataset {ds!r}. Choose one of: {', '.join(DATASETS)}.")
+    size = _number(config, "data.image_size", int)
+    if size < 32 or size % 32:
+        raise ConfigError(f"data.image_size={size}: must be a multiple of 32 and >= 32.")
+    if config.data.on_corrupt not in ("raise", "skip"):
+        raise ConfigError(
+            f"data.on_corrupt={config.data.on_corrupt!r}: must be 'raise' or 'skip'.")
+    if ds == "synthetic" or str(config.data.category).strip() != "all":
+        categories_of(config)  # names only; "all" of a folder dataset needs the root
+    _resolve_validation_fraction(config)
+    _check_teacher(config)
+    _check_train(config)
+    _check_eval(config)
+    _check_files(config)
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+def config_dir() -> str:
+    """The configs/ folder of this checkout."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def shipped_configs() -> list:
+    d = config_dir()
+    if not os.path.isdir(d):
+        return []
+    return sorted(n[:-3] for n in os.listdir(d) if n.endswith(".py") and not n.startswith("_"))
+
+
+def missing_config_message(path: str, how: str = "") -> str:
+    """One line: no config file ``path``; the shipped configs (and the closest name)."""
+    names = shipped_configs()
+    stem = os.path.basename(path)
+    stem = stem[:-3] if stem.endswith(".py") else stem
+    close = difflib.get_close_matches(stem, names, n=1)
+    hint = f" Did you mean configs/{close[0]}.py?" if close else ""
+    avail = (f" The configs in configs/ are: {', '.join(n + '.py' for n in names)}."
+             if names else "")
+    return f"No config file {path!r}{how}.{hint}{avail}"
 
 
 def load_config(name_or_path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
-    """Load configs/<name>.py (or any config file path) and apply {"dotted.key": value}.
+    """Load configs/<name>.py (or any config file path; "path:arg" calls get_config(arg))
+    and apply {"dotted.key": value}.
 
-    For notebooks and tests; the command line uses --config=... instead.
+    For notebooks and tests; the command line uses --config=... instead. The result is not
+    validated (call validate); an override of a key the config does not have is refused
+    with the closest known keys, except inside eval.map_weights / eval.weight_variants.
     """
     import importlib.util
 
-    path = name_or_path
+    path, args = name_or_path, ()
+    if not os.path.exists(path) and ":" in path:
+        path, arg = path.split(":", 1)
+        args = (arg,)
     if not path.endswith(".py"):
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        path = os.path.join(here, "configs", name_or_path + ".py")
+        path = os.path.join(config_dir(), path + ".py")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"No config file {path!r}.")
+        raise ConfigFileNotFoundError(missing_config_message(path))
     spec = importlib.util.spec_from_file_location(
         "kdjax_config_" + os.path.basename(path)[:-3], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    config = module.get_config(*args)
     if overrides:
+        known = flat_keys(config, OPEN_SUBSECTIONS, sections=True)
+        for key in overrides:
+            if key not in known and not _under_open(key):
+                raise ConfigError(unknown_key_message(key, known, " in the overrides") + ".")
         config.update_from_flattened_dict(dict(overrides))
     return config

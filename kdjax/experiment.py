@@ -191,6 +191,7 @@ def _training_signature(config) -> str:
     d.pop("eval", None)
     d.pop("variants", None)
     d.pop("targets", None)
+    d.get("train", {}).pop("restart", None)
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

@@ -31,13 +31,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from kdjax import checkpoints, ops, xla
 from kdjax.devices import batch_spec, make_mesh, map_batches, put_global  # noqa: F401
 from kdjax.data.category import CategoryData  # noqa: F401
-from kdjax.errors import WorkdirError
+from kdjax.errors import UserError, WorkdirError
 from kdjax.workdir import WorkdirLockedError  # noqa: F401
 
 log = logging.getLogger("kdjax")
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(UserError, RuntimeError):
     """The loss became NaN or inf."""
 
 

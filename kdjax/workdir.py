@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kdjax.errors import UserError
+
 import contextlib
 import json
 import logging
@@ -14,7 +16,7 @@ import jax
 log = logging.getLogger("kdjax")
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(UserError, RuntimeError):
     """Another live run uses the same workdir."""
 
 

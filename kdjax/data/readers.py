@@ -25,6 +25,8 @@ same filter as ``tf.image.resize(method="bilinear", antialias=True)``).
 
 from __future__ import annotations
 
+from kdjax.errors import DataError
+
 import concurrent.futures
 import dataclasses
 import json
@@ -50,11 +52,11 @@ LOCO_TEST_TYPES = ("good", "logical_anomalies", "structural_anomalies")
 _LOCO_KIND = {"logical_anomalies": "logical", "structural_anomalies": "structural"}
 
 
-class DatasetError(ValueError):
+class DatasetError(DataError):
     """A dataset directory is missing or malformed; the message says what to do."""
 
 
-class ImageError(ValueError):
+class ImageError(DataError):
     """An image file cannot be decoded (corrupt, truncated or not an image)."""
 
 
@@ -334,7 +336,7 @@ def list_records(dataset: str, root: str, category: str, split: str) -> List[Rec
         raise DatasetError(
             f"{dataset} has no validation split. Hold out part of the training images with "
             f"kdjax.data.split_train_val(list_records({dataset!r}, root, category, 'train'), "
-            f"fraction, seed) (EfficientAD uses fraction=0.1; config key data.val_fraction).")
+            f"fraction, seed) (EfficientAD uses fraction=0.1; config key data.validation_fraction).")
     cat_dir = _check_category_dir(dataset, root, category)
     loco = dataset in ("mvtec_loco", "synthetic")
     if split in ("train", "validation"):

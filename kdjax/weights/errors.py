@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from kdjax.errors import UserError
 
-class UnsafeCheckpointError(ValueError):
+
+class UnsafeCheckpointError(UserError, ValueError):
     """The checkpoint's pickle references a global that is not on the allow-list."""
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
     """The file is not a (complete) PyTorch checkpoint."""
 
 
-class WeightMismatchError(ValueError):
+class WeightMismatchError(UserError, ValueError):
     """Checkpoint tensors do not fit the Flax module (missing key, wrong shape, extra key)."""
 
 
-class WeightsUnavailableError(FileNotFoundError):
+class WeightsUnavailableError(UserError, FileNotFoundError):
     """``auto`` weights are neither cached nor downloadable."""
