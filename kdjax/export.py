@@ -116,6 +116,9 @@ def _jax2onnx_workarounds():
       array breaks ``flax.linen.Dense``). All rewrites but those of
       ``jax2onnx.plugins.jax.lax`` are switched off: the lax primitives of the
       traced function are converted one by one, which is exact.
+    * Importing the plugins replaces ``jax.numpy.cumsum`` for the whole
+      process (jax2onnx 0.13: a version that refuses ``jnp.cumsum(x, 0)``);
+      :func:`_namespaces_kept` puts jax's and flax's own functions back.
     * onnx_ir takes jax's symbolic dimensions (the batch ``N``) as symbolic
       ONNX dimensions (the lax.pad lowering builds an ``ir.Shape`` of them).
     * ``lax.reduce_window_max`` / ``reduce_window_sum`` are lowered as an N-d
@@ -129,7 +132,7 @@ def _jax2onnx_workarounds():
     from jax import lax
     from jax2onnx.plugins import plugin_system
 
-    with _quiet_jax2onnx():
+    with _quiet_jax2onnx(), _namespaces_kept():
         plugin_system.import_all_plugins()
     registry = plugin_system.PLUGIN_REGISTRY
     saved = []
@@ -165,6 +168,30 @@ def _jax2onnx_workarounds():
     finally:
         for owner, name, value in reversed(saved):
             setattr(owner, name, value)
+
+
+_KEPT_NAMESPACES = ("jax", "jax.numpy", "jax.nn", "jax.image", "jax.lax", "flax.linen")
+
+
+@contextlib.contextmanager
+def _namespaces_kept():
+    """Undo what the block sets or adds in the public namespaces of jax and flax
+    (submodules imported meanwhile stay)."""
+    import importlib
+    import types
+
+    modules = [importlib.import_module(m) for m in _KEPT_NAMESPACES]
+    before = [dict(vars(m)) for m in modules]
+    try:
+        yield
+    finally:
+        for m, attrs in zip(modules, before):
+            for name in [n for n, v in vars(m).items()
+                         if n not in attrs and not isinstance(v, types.ModuleType)]:
+                delattr(m, name)
+            for name, value in attrs.items():
+                if vars(m).get(name) is not value:
+                    setattr(m, name, value)
 
 
 class _DropMessages(logging.Filter):

@@ -133,12 +133,21 @@ def _make_folder_fixture():
     return make_folder
 
 
+# The generation parameters of ``tiny_synthetic_root``. A run on that root must set
+# data.synthetic_size / synthetic_counts to these (TINY_SYNTHETIC_ARGS on the command
+# line): other values regenerate the shared set in place.
+TINY_SYNTHETIC = {"size": 64, "counts": (12, 4, 4, 5, 4)}
+TINY_SYNTHETIC_ARGS = [f"--config.data.synthetic_size={TINY_SYNTHETIC['size']}",
+                       "--config.data.synthetic_counts=" + str(TINY_SYNTHETIC["counts"])]
+
+
 @pytest.fixture(scope="session")
 def tiny_synthetic_root(tmp_path_factory):
     from kdjax.data import ensure_synthetic
 
     root = str(tmp_path_factory.mktemp("synthetic"))
-    ensure_synthetic(root, seed=0, image_size=64, counts=(12, 4, 4, 5, 4))
+    ensure_synthetic(root, seed=0, image_size=TINY_SYNTHETIC["size"],
+                     counts=TINY_SYNTHETIC["counts"])
     return root
 
 

@@ -56,15 +56,19 @@ def _model(name):
 
 def test_conversion_leaves_jax_and_flax_unpatched():
     """jax2onnx's rewrites are switched off for the conversion only: its plugins,
-    jax.numpy and flax.linen are as they were afterwards, every time."""
+    jax.numpy and flax.linen are as they were afterwards, every time, including
+    jax.numpy.cumsum, which importing jax2onnx 0.13's plugins replaces for good."""
     import flax.linen as nn
     import jax.numpy as jnp
     from jax2onnx.plugins import plugin_system
 
     from kdjax.export import _jax2onnx_workarounds
 
-    plugin_system.import_all_plugins()
+    funcs = (jnp.cumsum, jnp.shape, jnp.einsum, nn.max_pool, nn.avg_pool, nn.Conv.__call__)
+    with _jax2onnx_workarounds():  # the first time imports the plugins
+        pass
     plugins = list(plugin_system.PLUGIN_REGISTRY.values())
+    assert plugins
     owners = [type(p) for p in plugins] + [p for p in plugins if hasattr(p, "__dict__")]
 
     def snapshot():
@@ -72,14 +76,16 @@ def test_conversion_leaves_jax_and_flax_unpatched():
                 for o in owners]
 
     before = snapshot()
-    funcs = (jnp.shape, jnp.einsum, nn.max_pool, nn.avg_pool, nn.Conv.__call__)
     for _ in range(2):
         with _jax2onnx_workarounds():
             assert snapshot() != before
         after = snapshot()
         assert all(a is b for x, y in zip(after, before) for a, b in zip(x, y))
-    assert (jnp.shape, jnp.einsum, nn.max_pool, nn.avg_pool, nn.Conv.__call__) == funcs
+    assert (jnp.cumsum, jnp.shape, jnp.einsum, nn.max_pool, nn.avg_pool,
+            nn.Conv.__call__) == funcs
+    assert not hasattr(jnp, "cumsum_p")
     assert jnp.shape(jnp.zeros((2, 3))) == (2, 3)
+    np.testing.assert_array_equal(jnp.cumsum(jnp.ones((2, 3)), 1), [[1, 2, 3], [1, 2, 3]])
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -53,7 +53,9 @@ def tiny_args(name, roots):
     elif ds == "mvtec_loco":
         args += [f"--config.data.root={roots['loco']}", "--config.data.category=breakfast_box"]
     elif ds == "synthetic":
-        args += [f"--config.data.root={roots['synthetic']}"]
+        from conftest import TINY_SYNTHETIC_ARGS
+
+        args += [f"--config.data.root={roots['synthetic']}", *TINY_SYNTHETIC_ARGS]
     return args, c
 
 

@@ -109,7 +109,7 @@ def pixel_bounds(bounds: Tuple[float, float], side: int) -> Tuple[int, int]:
 
 def _integral(mask):
     """Summed-area table with a zero first row/column: (H+1, W+1)."""
-    s = jnp.cumsum(jnp.cumsum(mask.astype(jnp.int32), 0), 1)
+    s = jnp.cumsum(jnp.cumsum(mask.astype(jnp.int32), axis=0), axis=1)
     return jnp.pad(s, ((1, 0), (1, 0)))
 
 
