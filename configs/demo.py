@@ -13,8 +13,7 @@ from kdjax.config import base_config
 
 
 def get_config():
-    c = base_config()
-    c.method = "cad"
+    c = base_config("cad")
     c.seed = 0
     c.data.dataset = "synthetic"
     c.data.root = ""  # -> <workdir>/synthetic_data

@@ -27,12 +27,10 @@ as the official evaluation does.
 import ml_collections
 
 from kdjax.config import base_config
-from kdjax.methods.cad import default_config as cad_defaults
 
 
 def get_config(arg=None):
-    c = base_config()
-    c.method = "cad"
+    c = base_config("cad")
     c.seed = 111
     c.data.dataset = "mvtec_loco"
     c.data.category = "all"
@@ -43,7 +41,6 @@ def get_config(arg=None):
     c.train.epochs = 200
     c.train.learning_rate = 0.005
     c.train.b1, c.train.b2 = 0.5, 0.999
-    c.cad = cad_defaults()
     c.eval.resolution = "original"
     c.eval.gaussian_sigma = 4.0
     c.eval.map_weights = ml_collections.ConfigDict({"local": 1.0, "global": 1.0})

@@ -31,14 +31,12 @@ and combined 0.5 / 0.5; evaluated at LOCO's original resolution.
 import ml_collections
 
 from kdjax.config import base_config
-from kdjax.methods.efficientad import default_efficientad_config
 
 
 def get_config(arg=None):
     if arg not in (None, ""):
         raise ValueError(f"configs/loco_efficientad.py takes no argument, not {arg!r}.")
-    c = base_config()
-    c.method = "efficientad"
+    c = base_config("efficientad")
     c.seed = 42  # the reference's seed
     c.data.dataset = "mvtec_loco"
     c.data.category = "all"
@@ -54,7 +52,6 @@ def get_config(arg=None):
     c.train.steps_per_call = 200
     c.train.checkpoint_every = 5000
     c.train.log_every = 1000
-    c.efficientad = default_efficientad_config()
     c.efficientad.model_size = "S"
     c.efficientad.margin_weight = 0.0  # plain EfficientAD (see configs/loco_margin.py)
     c.eval.batch_size = 8

@@ -9,14 +9,11 @@ modules. Training-only masking; --config.mrkd.flm_at_test=True reproduces
 the official code's (random) test-time masking.
 """
 
-import ml_collections
-
 from kdjax.config import base_config
 
 
 def get_config():
-    c = base_config()
-    c.method = "mrkd"
+    c = base_config("mrkd")
     c.seed = 111
     c.data.dataset = "mvtec_ad"
     c.data.category = "all"
@@ -27,12 +24,7 @@ def get_config():
     c.train.epochs = 200
     c.train.learning_rate = 0.005
     c.train.b1, c.train.b2 = 0.5, 0.999
-    c.mrkd = ml_collections.ConfigDict()
-    c.mrkd.ilm = True
-    c.mrkd.flm = True
-    c.mrkd.mask_prob = 0.2
-    c.mrkd.flm_at_test = False
-    c.mrkd.nsa_category = ""  # NSA settings of this MVTec category (default: data.category)
+    # config.mrkd: the published masks (kdjax/methods/mrkd.py MRKD.default_settings)
     c.eval.resolution = "input"
     # The reference trains on every training image: none is held out. The decision
     # threshold is then a quantile of the training images' own scores (optimistic; said

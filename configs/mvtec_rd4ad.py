@@ -12,8 +12,7 @@ from kdjax.config import base_config
 
 
 def get_config():
-    c = base_config()
-    c.method = "rd4ad"
+    c = base_config("rd4ad")
     c.seed = 111
     c.data.dataset = "mvtec_ad"
     c.data.category = "all"

@@ -77,7 +77,7 @@ TRAINING_CONFIG = "training_config.json"
 _NOT_TRAINING = ("eval", "variants", "targets", "targets_source", "ablation", "multihost",
                  "distributed", "data.root", "data.on_corrupt", "train.log_every",
                  "train.checkpoint_every", "train.keep_checkpoints", "train.steps_per_call",
-                 "train.restart", "train.interrupt_after", "train.cache_teacher",
+                 "train.restart", "train.cache_teacher",
                  "train.cache_teacher_max_gb", "data.val_fraction", "teacher.allow_random")
 
 

@@ -27,12 +27,10 @@ import ml_collections
 from kdjax.data.types import DATASETS, MVTEC_AD_CATEGORIES, MVTEC_LOCO_CATEGORIES
 from kdjax.errors import ConfigError, ConfigFileNotFoundError, DataError
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam",)
 COMPUTE_DTYPES = ("float32", "bfloat16")
 THRESHOLD_RULES = ("auto", "f1_val", "quantile")
 DEFAULT_VALIDATION_FRACTION = 0.1
-# Methods whose optimizer applies train.weight_decay (EfficientAD: torch Adam's L2 term).
-WEIGHT_DECAY_METHODS = ("efficientad",)
 # Sections whose keys must be those of base_config(); subsections left open.
 CHECKED_SECTIONS = ("data", "train", "eval", "teacher", "distributed")
 OPEN_SUBSECTIONS = ("eval.map_weights", "eval.weight_variants")
@@ -40,9 +38,12 @@ OPEN_TOP_LEVEL = ("targets", "variants")  # and the method sections (kdjax.metho
 DEPRECATED_KEYS = ("data.val_fraction",)  # still accepted, never suggested
 
 
-def base_config() -> ml_collections.ConfigDict:
+def base_config(method: str = "rd4ad") -> ml_collections.ConfigDict:
+    """Every key of a kdjax config with its default, for ``method``; the method's own
+    settings (``config.<method>``, e.g. ``config.cad``) come with their defaults, so that
+    each can be set on the command line (``--config.cad.d=64``)."""
     c = ml_collections.ConfigDict()
-    c.method = "rd4ad"
+    c.method = method
     c.seed = 111
     c.multihost = False  # call jax.distributed.initialize() first
     c.distributed = ml_collections.ConfigDict()
@@ -82,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 16
     c.train.steps = 0  # 0: derive from epochs
     c.train.epochs = 200
-    c.train.optimizer = "adam"  # adam (the papers') | sgd (numerical checks)
+    c.train.optimizer = "adam"  # the papers' (each method sets its betas / schedule)
     c.train.learning_rate = 0.005
     c.train.b1 = 0.5
     c.train.b2 = 0.999
@@ -97,7 +98,6 @@ def base_config() -> ml_collections.ConfigDict:
     # that forward pass. Off above this many GiB per device (the teacher runs each step).
     c.train.cache_teacher = True
     c.train.cache_teacher_max_gb = 4.0
-    c.train.interrupt_after = 0  # tests: simulate an interruption after this step
     # Start this workdir's training over (discard its checkpoints) instead of resuming.
     c.train.restart = False
 
@@ -129,6 +129,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Paper numbers shown beside ours in results.md: {category or "mean": {metric: value}}.
     c.targets = ml_collections.ConfigDict()
     c.targets_source = ""
+    from kdjax.methods import method_class
+
+    defaults = method_class(method).default_settings()
+    if len(defaults):
+        c[method] = defaults
     return c
 
 
@@ -454,20 +459,23 @@ def _check_keys(config, methods) -> None:
 
 
 def _check_train(config) -> None:
+    from kdjax.methods import METHODS, method_class
+
     t = config.train
     method = config.method
     opt = t.optimizer
     if opt not in OPTIMIZERS:
         raise ConfigError(
-            f"train.optimizer={opt!r} is not supported: use 'adam' (the papers') or 'sgd' "
-            "(--config.train.optimizer=adam).")
+            f"train.optimizer={opt!r} is not supported: kdjax trains every method with its "
+            "paper's optimizer, Adam (--config.train.optimizer=adam).")
     wd = _number(config, "train.weight_decay")
     if not math.isfinite(wd) or wd < 0:
         raise ConfigError(f"train.weight_decay={wd}: must be a finite number >= 0.")
-    if wd != 0 and method not in WEIGHT_DECAY_METHODS:
+    if wd != 0 and not method_class(method).applies_weight_decay:
+        takes = [m for m in METHODS if method_class(m).applies_weight_decay]
         raise ConfigError(
             f"train.weight_decay={wd}: method {method!r} does not apply weight decay (its "
-            f"optimizer follows its paper); only {', '.join(WEIGHT_DECAY_METHODS)} does. Set "
+            f"optimizer follows its paper); only {', '.join(takes)} does. Set "
             "--config.train.weight_decay=0.")
     lr = _number(config, "train.learning_rate")
     if not math.isfinite(lr) or lr <= 0:
@@ -572,14 +580,10 @@ def validate(config) -> None:
     Raises ConfigError / DataError (ValueErrors) with one line naming the key, the bad
     value and the fix. Also resolves the deprecated alias data.val_fraction (see
     base_config)."""
-    from kdjax.methods import METHODS
+    from kdjax.methods import METHODS, method_class
 
     _check_keys(config, METHODS)
-    if config.method not in METHODS:
-        close = difflib.get_close_matches(str(config.method), METHODS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(
-            f"Unknown method {config.method!r}.{hint} Choose one of: {', '.join(METHODS)}.")
+    method = method_class(config.method)  # an unknown name: ConfigError
     ds = config.data.dataset
     if ds not in DATASETS:
         raise ConfigError(f"Unknown dataset {ds!r}. Choose one of: {', '.join(DATASETS)}.")
@@ -595,6 +599,7 @@ def validate(config) -> None:
     _check_teacher(config)
     _check_train(config)
     _check_eval(config)
+    method.resolve_settings(config)  # the method's section: keys and values
     _check_files(config)
 
 

@@ -19,7 +19,7 @@ keep catching them:
 
 Raise them with a message that names the setting, the bad value and the fix::
 
-    raise ConfigError("train.optimizer='lion' is not supported: use 'adam' or 'sgd'.")
+    raise ConfigError("train.optimizer='lion' is not supported: use 'adam'.")
 """
 
 from __future__ import annotations

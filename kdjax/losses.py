@@ -58,6 +58,7 @@ def hard_feature_loss(distance: jax.Array, quantile: float = 0.999) -> jax.Array
 _AFFINITY_DISTANCES = ("l1", "l2")
 _PRECISIONS = {"default": None, "high": jax.lax.Precision.HIGH,
                "highest": jax.lax.Precision.HIGHEST}
+PRECISIONS = tuple(_PRECISIONS)  # the names affinity_precision accepts
 
 
 def _positions(f: jax.Array) -> jax.Array:

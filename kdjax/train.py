@@ -184,7 +184,6 @@ def train_category(config, method, cat: CategoryData, ckpt_dir: str, mesh: Mesh,
     batch = int(config.train.batch_size)
     per_call = max(1, min(int(config.train.steps_per_call), steps))
     ckpt_every = max(1, int(config.train.checkpoint_every))
-    interrupt_after = int(config.train.get("interrupt_after", 0))
     data = put_global(cat.train, NamedSharding(mesh, P()))
     cache = build_teacher_cache(config, method, frozen, cat.train, mesh)
     key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 1)
@@ -226,10 +225,6 @@ def train_category(config, method, cat: CategoryData, ckpt_dir: str, mesh: Mesh,
             if step >= next_ckpt or step == steps:
                 checkpoints.save(mngr, ts)
                 next_ckpt = (step // ckpt_every + 1) * ckpt_every
-            if interrupt_after and step >= interrupt_after and step < steps:
-                if mngr.latest_step() != step:
-                    checkpoints.save(mngr, ts)
-                raise KeyboardInterrupt(f"simulated interruption after step {step}")
     except KeyboardInterrupt as e:
         last = mngr.latest_step()
         mngr.close()

@@ -85,7 +85,7 @@ def test_bad_cad_settings_are_explained(key, value, match):
     c = load_config("loco_cad")
     with c.unlocked():
         c.cad.not_a_key = 1
-    with pytest.raises(ValueError, match="Unknown config.cad key"):
+    with pytest.raises(ValueError, match="unknown config key 'cad.not_a_key'"):
         resolve_config(c)
 
 

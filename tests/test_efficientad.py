@@ -410,7 +410,7 @@ def test_config_errors_say_what_to_do():
         ead.EfficientAD(c)
     c = tiny_config()
     c.efficientad.bogus = 1
-    with pytest.raises(ValueError, match="Unknown config.efficientad"):
+    with pytest.raises(ValueError, match="unknown config key .efficientad.bogus."):
         ead.EfficientAD(c)
     c = tiny_config()
     c.efficientad.model_size = "L"

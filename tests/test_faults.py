@@ -12,7 +12,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_engine import tiny_config  # noqa: E402
+from test_engine import interrupt_after, tiny_config  # noqa: E402
 
 from kdjax import experiment  # noqa: E402
 from kdjax.errors import UserError  # noqa: E402
@@ -49,13 +49,15 @@ def test_a_rerun_with_other_training_settings_is_refused_until_restart(root, tmp
     assert [r["step"] for r in rows] == [2], rows  # the old run's rows are gone
 
 
-def test_damaged_latest_checkpoint_falls_back_to_the_previous(root, tmp_path, caplog):
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(root, tmp_path, caplog,
+                                                              monkeypatch):
     wd = str(tmp_path)
     c = tiny_config("rd4ad", **{"data.root": root, "train.steps": 4,
-                               "train.interrupt_after": 2, "train.checkpoint_every": 1,
-                               "train.steps_per_call": 1})
-    with pytest.raises(KeyboardInterrupt, match="interrupted at step 2 of 4.*step 2"):
-        experiment.train_and_evaluate(c, wd, "train")
+                               "train.checkpoint_every": 1, "train.steps_per_call": 1})
+    with monkeypatch.context() as m:
+        interrupt_after(m, 2)
+        with pytest.raises(KeyboardInterrupt, match="interrupted at step 2 of 4.*step 2"):
+            experiment.train_and_evaluate(c, wd, "train")
     # damage every array file of the latest checkpoint (step 2)
     files = [f for f in glob.glob(os.path.join(_ckpt_dir(wd), "2", "**", "*"), recursive=True)
              if os.path.isfile(f) and os.path.getsize(f) > 64]

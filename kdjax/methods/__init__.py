@@ -14,12 +14,21 @@ _REGISTRY = {
 METHODS = tuple(_REGISTRY)
 
 
+def method_class(name: str):
+    """The Method subclass registered as ``name`` (ConfigError for an unknown name)."""
+    if name not in _REGISTRY:
+        import difflib
+
+        from kdjax.errors import ConfigError
+
+        close = difflib.get_close_matches(str(name), METHODS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"Unknown method {name!r}.{hint} Choose one of: {', '.join(METHODS)} "
+                          "(set it with --config.method=<name>).")
+    module, cls = _REGISTRY[name]
+    return getattr(importlib.import_module(module), cls)
+
+
 def get_method(config):
     """Instantiate the method named by ``config.method``."""
-    name = config.method
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"Unknown method {name!r}. Choose one of: {', '.join(METHODS)} "
-            "(set it with --config.method=<name>).")
-    module, cls = _REGISTRY[name]
-    return getattr(importlib.import_module(module), cls)(config)
+    return method_class(config.method)(config)

@@ -37,6 +37,12 @@ Pytree = Any
 
 class Method:
     name = "base"
+    # Whether the optimizer applies ``train.weight_decay`` (EfficientAD: torch Adam's L2
+    # term); config validation refuses a non-zero weight decay for the others.
+    applies_weight_decay = False
+    # Keys of the method's settings section that older kdjax versions had and that are
+    # dropped when a saved config holds them (a model artifact written before).
+    removed_settings: Tuple[str, ...] = ()
     # Names of the map components that ``maps`` returns. With more than one,
     # the engine normalizes each with quantiles of the validation maps
     # (0.1 * (m - q_a) / (q_b - q_a)) and sums them with config.eval weights.
@@ -47,6 +53,62 @@ class Method:
 
     def __init__(self, config):
         self.config = config
+        self.settings = self.resolve_settings(config)
+
+    # --- settings ---------------------------------------------------------
+    @classmethod
+    def default_settings(cls):
+        """Every key of the method's section of the config (``config.<name>``) with its
+        default and meaning, as an ``ml_collections.ConfigDict``; empty when the method
+        has no settings of its own."""
+        import ml_collections
+
+        return ml_collections.ConfigDict()
+
+    @classmethod
+    def check_settings(cls, settings, config) -> None:
+        """Refuse settings that cannot run (:class:`kdjax.errors.ConfigError`, one line
+        naming the key, the value and the fix); may normalize values in place."""
+
+    @classmethod
+    def resolve_settings(cls, config):
+        """``config.<name>`` merged over :meth:`default_settings`, checked: the one way
+        every method reads its settings (also called by ``kdjax.config.validate``, so a
+        bad key or value is refused before any data is read). Unknown keys are refused
+        with the closest known ones."""
+        from kdjax import config as config_lib
+        from kdjax.errors import ConfigError
+
+        out = cls.default_settings()
+        given = config.get(cls.name, None)
+        if given is not None and not hasattr(given, "keys"):
+            raise ConfigError(f"{cls.name}={given!r}: the method's settings are a section "
+                              f"(--config.{cls.name}.<key>=<value>).")
+        if given:
+            given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
+            for k in cls.removed_settings:
+                given.pop(k, None)
+            known = [f"{cls.name}.{k}" for k in out.keys()]
+            unknown = sorted(k for k in given if k not in out)
+            if unknown:
+                if not known:
+                    raise ConfigError(
+                        f"config.{cls.name} sets {', '.join(unknown)}, but method "
+                        f"{cls.name!r} has no settings of its own: remove that section.")
+                raise ConfigError(config_lib.unknown_key_message(
+                    f"{cls.name}.{unknown[0]}", known, " in the config") + ".")
+            for k, v in given.items():
+                default = out[k]
+                if isinstance(default, tuple) and isinstance(v, list):
+                    v = tuple(v)
+                try:
+                    out[k] = v
+                except (TypeError, ValueError):
+                    raise ConfigError(
+                        f"{cls.name}.{k}={v!r}: must be {_kind(default)} like the default "
+                        f"{default!r}.") from None
+        cls.check_settings(out, config)
+        return out
 
     # --- construction -----------------------------------------------------
     def init(self, rng: jax.Array, image_shape: Tuple[int, int, int, int]) -> Dict[str, Pytree]:
@@ -87,12 +149,15 @@ class Method:
         return variables["state"]
 
     def optimizer(self, total_steps: int) -> optax.GradientTransformation:
-        """The optax optimizer from config.train: Adam with the config's betas (the
-        papers'), or plain SGD (``train.optimizer="sgd"``, for numerical checks)."""
+        """The optax optimizer: Adam at ``train.learning_rate`` with the config's betas
+        (the papers'). A method with another recipe (EfficientAD's schedule, CAD's
+        parameter groups) overrides it."""
+        return self.adam(float(self.config.train.learning_rate))
+
+    def adam(self, learning_rate: float) -> optax.GradientTransformation:
+        """Adam at ``learning_rate`` with ``train.b1`` / ``train.b2``."""
         t = self.config.train
-        if t.get("optimizer", "adam") == "sgd":
-            return optax.sgd(t.learning_rate)
-        return optax.adam(t.learning_rate, b1=t.get("b1", 0.9), b2=t.get("b2", 0.999))
+        return optax.adam(learning_rate, b1=float(t.get("b1", 0.9)), b2=float(t.get("b2", 0.999)))
 
     # --- training ---------------------------------------------------------
     def teacher_cache(self, frozen: Pytree, images: jax.Array) -> Optional[Pytree]:
@@ -129,3 +194,16 @@ class Method:
         evaluators resize maps to the original image size); the identity when
         ``size`` is the map's own."""
         return ops.resize_bilinear(maps, tuple(size), align_corners=False)
+
+
+def _kind(value) -> str:
+    """'a number', 'a string', ... for a setting's default value."""
+    if isinstance(value, bool):
+        return "True or False"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (tuple, list)):
+        return "a tuple"
+    return f"a {type(value).__name__}"

@@ -77,7 +77,9 @@ import ml_collections
 import optax
 
 from kdjax import losses, ops
+from kdjax.errors import ConfigError
 from kdjax.methods.rd4ad import RD4AD, TAPS, rd_anomaly_map
+from kdjax.models.cad import MIXINGS
 
 GLOBAL_MAPS = ("affinity", "cosine", "affinity+cosine")
 
@@ -114,45 +116,51 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def resolve_config(config) -> ml_collections.ConfigDict:
-    """``config.cad`` merged over the defaults, validated with clear messages."""
-    cad = default_config()
-    given = config.get("cad", None)
-    if given is not None:
-        unknown = sorted(set(given.keys()) - set(cad.keys()))
-        if unknown:
-            raise ValueError(f"Unknown config.cad key(s) {unknown}. Known keys: "
-                             f"{', '.join(sorted(cad.keys()))} (see kdjax/methods/cad.py).")
-        cad.update(given)
+def check_settings(cad, config=None) -> None:
+    """Refuse ``config.cad`` values that cannot run (ConfigError, one line)."""
+    def bad(key, why):
+        raise ConfigError(f"cad.{key}={cad[key]!r}: {why}")
+
     if cad.gccb_input not in ("layer3", "ocbe"):
-        raise ValueError(f"cad.gccb_input={cad.gccb_input!r}: use 'layer3' or 'ocbe'.")
+        bad("gccb_input", "use 'layer3' or 'ocbe'.")
+    if cad.mixing not in MIXINGS:
+        bad("mixing", f"use one of {', '.join(MIXINGS)}.")
     for key in ("global_layers", "affinity_layers"):
         taps = tuple(cad[key])
-        bad = [t for t in taps if t not in TAPS]
-        if bad or (key == "global_layers" and not taps):
-            raise ValueError(f"cad.{key}={taps}: use a non-empty subset of {TAPS}.")
+        if any(t not in TAPS for t in taps) or (key == "global_layers" and not taps):
+            bad(key, f"use a non-empty subset of {TAPS}.")
     missing = [t for t in cad.affinity_layers if t not in tuple(cad.global_layers)]
     if missing:
-        raise ValueError(f"cad.affinity_layers {missing} are not in cad.global_layers "
-                         f"{tuple(cad.global_layers)}: the global student must predict every "
-                         "tap its affinity is compared on.")
+        bad("affinity_layers", f"{missing} are not in cad.global_layers "
+            f"{tuple(cad.global_layers)}: the global student must predict every tap its "
+            "affinity is compared on.")
     if cad.global_map not in GLOBAL_MAPS:
-        raise ValueError(f"cad.global_map={cad.global_map!r}: use one of {', '.join(GLOBAL_MAPS)}.")
+        bad("global_map", f"use one of {', '.join(GLOBAL_MAPS)}.")
     if cad.global_map != "cosine" and not tuple(cad.affinity_layers):
-        raise ValueError("cad.global_map uses the affinity discrepancy but cad.affinity_layers "
-                         "is empty: name at least one tap, or set cad.global_map='cosine'.")
+        bad("affinity_layers", "the affinity map (cad.global_map) needs at least one tap; or "
+            "set cad.global_map='cosine'.")
     if cad.global_feature_loss not in ("flat", "pixel"):
-        raise ValueError(f"cad.global_feature_loss={cad.global_feature_loss!r}: use 'flat' or 'pixel'.")
+        bad("global_feature_loss", "use 'flat' or 'pixel'.")
     if cad.affinity_distance not in ("l1", "l2"):
-        raise ValueError(f"cad.affinity_distance={cad.affinity_distance!r}: use 'l1' or 'l2'.")
-    if int(cad.affinity_block) < 1:
-        raise ValueError("cad.affinity_block must be >= 1 (query rows per block).")
-    if not isinstance(cad.global_learning_rate, (int, float)):
-        raise ValueError(f"cad.global_learning_rate={cad.global_learning_rate!r}: give a number "
-                         "(< 0: train.learning_rate).")
-    if len(tuple(cad.decoder_widths)) != 3:
-        raise ValueError("cad.decoder_widths needs 3 widths (layer3, layer2, layer1 stages).")
-    return cad
+        bad("affinity_distance", "use 'l1' or 'l2'.")
+    if cad.affinity_precision not in losses.PRECISIONS:
+        bad("affinity_precision", f"use one of {', '.join(losses.PRECISIONS)}.")
+    for key in ("affinity_block", "heads", "attention_blocks", "mlp_ratio", "d"):
+        if int(cad[key]) < 1:
+            bad(key, "must be >= 1.")
+    for key in ("pool_grid", "decoder_blocks"):
+        if int(cad[key]) < 0:
+            bad(key, "must be >= 0.")
+    if len(tuple(cad.decoder_widths)) != 3 or min(int(w) for w in cad.decoder_widths) < 1:
+        bad("decoder_widths", "needs 3 positive widths (layer3, layer2, layer1 stages).")
+    for key in ("global_weight", "affinity_weight"):
+        if not float(cad[key]) >= 0:
+            bad(key, "must be a number >= 0.")
+
+
+def resolve_config(config) -> ml_collections.ConfigDict:
+    """``config.cad`` merged over the defaults and checked (:meth:`CAD.resolve_settings`)."""
+    return CAD.resolve_settings(config)
 
 
 class CAD(RD4AD):
@@ -161,9 +169,17 @@ class CAD(RD4AD):
     name = "cad"
     map_names = ("local", "global")
 
+    @classmethod
+    def default_settings(cls):
+        return default_config()
+
+    @classmethod
+    def check_settings(cls, settings, config):
+        check_settings(settings, config)
+
     def __init__(self, config):
         super().__init__(config)
-        self.cad = resolve_config(config)
+        self.cad = self.settings
         self.global_branch = None
 
     # --- parts ------------------------------------------------------------
@@ -215,27 +231,21 @@ class CAD(RD4AD):
 
     # --- Method contract --------------------------------------------------
     def optimizer(self, total_steps: int):
-        """The engine's optimizer (``Method.optimizer``: Adam with train.learning_rate
-        and betas, or SGD) over all parameters; with ``cad.global_learning_rate >= 0``
-        the global branch's group gets its own copy of that optimizer at that rate
-        (``optax.multi_transform``; Adam and SGD are per-parameter, so the local
-        group's updates are those of the single optimizer)."""
+        """Adam (``Method.optimizer``: train.learning_rate and betas) over all
+        parameters; with ``cad.global_learning_rate >= 0`` the global branch's group
+        gets its own Adam at that rate (``optax.multi_transform``; Adam is
+        per-parameter, so the local group's updates are those of the single optimizer)."""
         base = super().optimizer(total_steps)
         glr = float(self.cad.global_learning_rate)
         if glr < 0:
             return base
-        t = self.config.train
-        if t.get("optimizer", "adam") == "sgd":
-            global_tx = optax.sgd(glr)
-        else:
-            global_tx = optax.adam(glr, b1=t.get("b1", 0.9), b2=t.get("b2", 0.999))
         return optax.multi_transform(
-            {"local": base, "global": global_tx},
+            {"local": base, "global": self.adam(glr)},
             lambda params: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in params.items()})
 
     def init(self, rng, image_shape):
-        from kdjax.methods.rd4ad import _seed_of
         from kdjax.models.cad import host_init
+        from kdjax.models.torch_init import seed_of
 
         r_local, r_global = jax.random.split(rng)
         local = super().init(r_local, image_shape)
@@ -249,7 +259,7 @@ class CAD(RD4AD):
             feats = {k: jax.ShapeDtypeStruct(shapes[k], self.dtype) for k in TAPS}
             x = jax.eval_shape(
                 lambda f: self.local_forward(local["params"], local["state"], f, False)[2], feats)
-        gvars = host_init(self.global_branch, _seed_of(r_global), x, train=False)
+        gvars = host_init(self.global_branch, seed_of(r_global), x, train=False)
         return {"params": {"local": local["params"], "global": gvars["params"]},
                 "state": {"local": local["state"], "global": {"batch_stats": gvars["batch_stats"]}},
                 "frozen": local["frozen"]}
@@ -303,7 +313,7 @@ class CAD(RD4AD):
                                                     align_corners=True)
         sigma = float(c.global_sigma)
         if sigma < 0:
-            sigma = float(self.config.eval.get("gaussian_sigma", 4.0))
+            sigma = float(self.config.eval.gaussian_sigma)
         return ops.gaussian_blur(total, sigma)
 
     def maps(self, params, state, frozen, images):
@@ -311,6 +321,6 @@ class CAD(RD4AD):
         t = self.teacher_features(frozen, images)
         s, _, ocbe = self.local_forward(params["local"], state["local"], t, False)
         g, _ = self.global_forward(params["global"], state["global"], t, ocbe, False)
-        local = rd_anomaly_map(t, s, size, self.config.eval.get("gaussian_sigma", 4.0))
+        local = rd_anomaly_map(t, s, size, float(self.config.eval.gaussian_sigma))
         return {"local": local.astype(jnp.float32),
                 "global": self.global_map(t, g, size).astype(jnp.float32)}

@@ -72,8 +72,9 @@ import numpy as np
 import optax
 
 from kdjax import ops, xla
+from kdjax.errors import ConfigError
 from kdjax.methods.base import Method
-from kdjax.models.pdn import CONV_IMPLS, PDN, Autoencoder, pdn_output_size
+from kdjax.models.pdn import PDN, Autoencoder, pdn_output_size
 
 log = logging.getLogger("kdjax")
 
@@ -98,10 +99,6 @@ def default_efficientad_config() -> ml_collections.ConfigDict:
     c.penalty_max_images = 2000  # at most this many (seeded choice) are kept on the device
     c.penalty_grayscale = 0.3  # RandomGrayscale probability of the penalty images
     c.map_padding = 4  # zero padding (feature pixels) of each map before upsampling
-    # Convolutions: auto = im2col matmuls for training on the CPU (XLA:CPU's conv kernel
-    # gradients are slow) and lax.conv otherwise (inference, GPU, TPU); xla | im2col
-    # force one everywhere. Same numbers up to float summation order.
-    c.conv_impl = "auto"
     # DFSC margin (Lee & Kim 2024; reconstruction, see the module docstring).
     c.margin_weight = 0.0  # w; 0 = EfficientAD exactly
     # What the hinge keeps at least the gap away from the teacher, on the distinctive
@@ -118,28 +115,34 @@ def default_efficientad_config() -> ml_collections.ConfigDict:
     return c
 
 
-def efficientad_settings(config) -> ml_collections.ConfigDict:
-    """``config.efficientad`` merged over the defaults; unknown keys are an error."""
-    out = default_efficientad_config()
-    given = config.get("efficientad", None)
-    if given is not None:
-        unknown = sorted(set(given.keys()) - set(out.keys()))
-        if unknown:
-            raise ValueError(
-                f"Unknown config.efficientad key(s) {unknown}. Known keys: {sorted(out.keys())}.")
-        out.update(given.to_dict() if hasattr(given, "to_dict") else dict(given))
+def check_settings(out, config) -> None:
+    """Refuse ``config.efficientad`` values that cannot run (ConfigError, one line);
+    normalizes ``model_size`` ("s", "small" -> "S")."""
     size = _SIZE_ALIASES.get(str(out.model_size).lower(), str(out.model_size))
     if size not in _ARCH_OF_SIZE:
-        raise ValueError(f"config.efficientad.model_size={out.model_size!r}: use 'S' or 'M'.")
+        raise ConfigError(f"efficientad.model_size={out.model_size!r}: use 'S' or 'M'.")
     out.model_size = size
+    arch = str(config.teacher.get("arch", _ARCH_OF_SIZE[size]))
+    if arch not in (_ARCH_OF_SIZE[size], "pdn"):
+        raise ConfigError(
+            f"teacher.arch={arch!r} does not match efficientad.model_size={size!r}: pass "
+            f"--config.teacher.arch={_ARCH_OF_SIZE[size]} (and that teacher's weights), or "
+            "change --config.efficientad.model_size.")
     if not 0.0 < float(out.hard_quantile) < 1.0:
-        raise ValueError("config.efficientad.hard_quantile must be in (0, 1) (paper: 0.999).")
+        raise ConfigError(f"efficientad.hard_quantile={out.hard_quantile}: must be in (0, 1) "
+                          "(paper: 0.999).")
     if not 0.0 <= float(out.margin_quantile) < 1.0:
-        raise ValueError("config.efficientad.margin_quantile must be in [0, 1) (e.g. 0.9).")
+        raise ConfigError(f"efficientad.margin_quantile={out.margin_quantile}: must be in "
+                          "[0, 1) (e.g. 0.9).")
     if out.margin_mode not in MARGIN_MODES:
-        raise ValueError(f"config.efficientad.margin_mode must be one of {MARGIN_MODES}.")
+        raise ConfigError(f"efficientad.margin_mode={out.margin_mode!r}: use one of "
+                          f"{', '.join(MARGIN_MODES)}.")
     if out.margin_target not in MARGIN_TARGETS:
-        raise ValueError(f"config.efficientad.margin_target must be one of {MARGIN_TARGETS}.")
+        raise ConfigError(f"efficientad.margin_target={out.margin_target!r}: use one of "
+                          f"{', '.join(MARGIN_TARGETS)}.")
+    if not float(out.margin_weight) >= 0:
+        raise ConfigError(f"efficientad.margin_weight={out.margin_weight}: must be >= 0 "
+                          "(0 = plain EfficientAD).")
     if (float(out.margin_weight) > 0 and out.margin_target == "autoencoder"
             and out.margin_mode == "relative"):
         log.warning(
@@ -147,13 +150,24 @@ def efficientad_settings(config) -> ml_collections.ConfigDict:
             "the hinge relu((margin - 1) * ||T - A||^2): %s. Use margin_mode='absolute'.",
             "never active (margin <= 1)" if float(out.margin) <= 1 else
             "never satisfied (margin > 1), a plain push of the autoencoder away from the teacher")
-    if out.conv_impl not in CONV_IMPLS:
-        raise ValueError(f"config.efficientad.conv_impl must be one of {CONV_IMPLS}.")
-    if float(out.margin_weight) < 0:
-        raise ValueError("config.efficientad.margin_weight must be >= 0 (0 = plain EfficientAD).")
     if int(out.channels_divisor) < 1 or int(out.out_channels) % int(out.channels_divisor):
-        raise ValueError("config.efficientad.channels_divisor must be >= 1 and divide out_channels.")
-    return out
+        raise ConfigError(f"efficientad.channels_divisor={out.channels_divisor}: must be >= 1 "
+                          f"and divide efficientad.out_channels={out.out_channels}.")
+    if int(out.channels_divisor) != 1 and str(config.teacher.weights) != "random":
+        raise ConfigError(f"efficientad.channels_divisor={out.channels_divisor} only works "
+                          "with teacher.weights='random' (tests and demos); set it to 1.")
+    if not 0.0 <= float(out.penalty_grayscale) <= 1.0:
+        raise ConfigError(f"efficientad.penalty_grayscale={out.penalty_grayscale}: must be a "
+                          "probability in [0, 1].")
+    if int(out.penalty_max_images) < 1:
+        raise ConfigError(f"efficientad.penalty_max_images={out.penalty_max_images}: must be "
+                          ">= 1.")
+
+
+def efficientad_settings(config) -> ml_collections.ConfigDict:
+    """``config.efficientad`` merged over the defaults and checked
+    (:meth:`EfficientAD.resolve_settings`)."""
+    return EfficientAD.resolve_settings(config)
 
 
 # ---------------------------------------------------------------------------
@@ -395,23 +409,23 @@ class EfficientAD(Method):
     name = "efficientad"
     map_names = ("local", "global")
     normalize_with_validation = True
+    applies_weight_decay = True
+    removed_settings = ("conv_impl",)  # the convolutions are kdjax.backends' choice
+
+    @classmethod
+    def default_settings(cls):
+        return default_efficientad_config()
+
+    @classmethod
+    def check_settings(cls, settings, config):
+        check_settings(settings, config)
 
     def __init__(self, config):
         super().__init__(config)
-        self.settings = efficientad_settings(config)
         s = self.settings
         self.size = s.model_size
         self.arch = _ARCH_OF_SIZE[self.size]
-        arch = str(config.teacher.get("arch", self.arch))
-        if arch not in (self.arch, "pdn"):
-            raise ValueError(
-                f"teacher.arch={arch!r} does not match efficientad.model_size={self.size!r}: "
-                f"pass --config.teacher.arch={self.arch} (and that teacher's weights), or "
-                f"change --config.efficientad.model_size.")
         self.divisor = int(s.channels_divisor)
-        if self.divisor != 1 and str(config.teacher.weights) != "random":
-            raise ValueError("config.efficientad.channels_divisor != 1 only works with "
-                             "teacher.weights='random' (tests and demos).")
         self.channels = int(s.out_channels) // self.divisor
         self.compute_dtype = (jnp.bfloat16 if config.train.get("compute_dtype", "float32")
                               == "bfloat16" else jnp.float32)
@@ -423,7 +437,7 @@ class EfficientAD(Method):
         self.out_size = pdn_output_size(image_size, self.size)
         if self.out_size < 1:
             raise ValueError(f"data.image_size={image_size} is too small for the PDN.")
-        impl = str(self.settings.conv_impl)
+        impl = "auto"
         train_impl = impl  # "auto": im2col on the CPU, lax.conv elsewhere
         eval_impl = "xla" if impl == "auto" else impl
 

@@ -15,8 +15,10 @@ official code also masks at test time (random evaluation); set
 from __future__ import annotations
 
 import jax
+import ml_collections
 
 from kdjax import losses
+from kdjax.errors import ConfigError
 from kdjax.methods import nsa
 from kdjax.methods.rd4ad import RD4AD, TAPS, rd_anomaly_map
 
@@ -32,16 +34,38 @@ class MRKD(RD4AD):
     name = "mrkd"
     generation = True
 
+    @classmethod
+    def default_settings(cls):
+        """``config.mrkd``: the published training's masks."""
+        c = ml_collections.ConfigDict()
+        c.ilm = True  # image-level masking: NSA patch swap of the student's input
+        c.flm = True  # feature-level masking: random positions of each decoder output zeroed
+        c.mask_prob = 0.2  # FLM: probability that a position is masked
+        # The official code masks at test time too (random, a fresh mask per batch):
+        # True reproduces that protocol (masks drawn from the eval seed); False (default)
+        # evaluates without masks, deterministically.
+        c.flm_at_test = False
+        c.nsa_category = ""  # NSA settings of this MVTec AD category (default: data.category)
+        return c
+
+    @classmethod
+    def check_settings(cls, settings, config):
+        p = float(settings.mask_prob)
+        if not 0.0 <= p < 1.0:
+            raise ConfigError(f"mrkd.mask_prob={settings.mask_prob}: must be in [0, 1) (the "
+                              "probability that a feature position is masked; paper: 0.2).")
+        cat = str(settings.nsa_category)
+        if cat and cat not in nsa.CATEGORY_PARAMS:
+            raise ConfigError(f"mrkd.nsa_category={cat!r}: use an MVTec AD category "
+                              f"({', '.join(nsa.CATEGORY_PARAMS)}) or '' (data.category's).")
+
     def __init__(self, config):
         super().__init__(config)
-        m = config.get("mrkd", None)
-        self.ilm = bool(m.ilm) if m is not None else True
-        self.flm = bool(m.flm) if m is not None else True
-        self.mask_prob = float(m.mask_prob) if m is not None else 0.2
-        self.flm_at_test = bool(m.flm_at_test) if m is not None else False
-        cat = (m.nsa_category if m is not None and m.get("nsa_category", "") else
-               str(config.data.category))
-        self.nsa_params = nsa.params_for(cat)
+        m = self.settings
+        self.ilm, self.flm = bool(m.ilm), bool(m.flm)
+        self.mask_prob = float(m.mask_prob)
+        self.flm_at_test = bool(m.flm_at_test)
+        self.nsa_params = nsa.params_for(str(m.nsa_category) or str(config.data.category))
 
     def loss(self, params, state, frozen, images, rng, cached=None):
         k_nsa, k_flm = jax.random.split(rng)
@@ -64,4 +88,4 @@ class MRKD(RD4AD):
             masks = flm_masks(jax.random.PRNGKey(0), t, self.mask_prob)
         s, _ = self.student_features(params, state, t, train=False, flm_masks=masks)
         return {"map": rd_anomaly_map(t, s, images.shape[1:3],
-                                      self.config.eval.get("gaussian_sigma", 4.0))}
+                                      float(self.config.eval.gaussian_sigma))}

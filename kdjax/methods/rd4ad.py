@@ -15,11 +15,10 @@ from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kdjax import losses, ops
 from kdjax.methods.base import Method
-from kdjax.models.torch_init import torch_style_init
+from kdjax.models.torch_init import seed_of, torch_style_init
 
 TAPS = ("layer1", "layer2", "layer3")
 
@@ -32,12 +31,6 @@ def rd_anomaly_map(teacher: Dict[str, jax.Array], student: Dict[str, jax.Array],
         d = losses.cosine_distance_map(teacher[k], student[k])
         total = total + ops.resize_bilinear(d, size, align_corners=True)
     return ops.gaussian_blur(total, sigma)
-
-
-def _seed_of(rng) -> int:
-    """A host integer seed derived from a JAX key."""
-    data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
-    return int(np.asarray(data).astype(np.uint64).sum() % (2**32))
 
 
 def compute_dtype(config):
@@ -112,7 +105,7 @@ class RD4AD(Method):
         dummy = jax.ShapeDtypeStruct((1,) + tuple(image_shape[1:]), self.dtype)
         shapes = jax.eval_shape(self.teacher.apply, teacher_vars, dummy)
         feats = {k: jax.ShapeDtypeStruct(shapes[k].shape, shapes[k].dtype) for k in TAPS}
-        svars = torch_style_init(self.student, _seed_of(rng), feats, train=False)
+        svars = torch_style_init(self.student, seed_of(rng), feats, train=False)
         return {"params": svars["params"], "state": {"batch_stats": svars["batch_stats"]},
                 "frozen": {"teacher": teacher_vars}}
 
@@ -147,4 +140,4 @@ class RD4AD(Method):
     def maps(self, params, state, frozen, images):
         t = self.teacher_features(frozen, images)
         s, _ = self.student_features(params, state, t, train=False)
-        return {"map": rd_anomaly_map(t, s, images.shape[1:3], self.config.eval.get("gaussian_sigma", 4.0))}
+        return {"map": rd_anomaly_map(t, s, images.shape[1:3], float(self.config.eval.gaussian_sigma))}

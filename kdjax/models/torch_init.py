@@ -22,8 +22,16 @@ from typing import Any, Callable, Dict
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
+
+
+def seed_of(rng) -> int:
+    """A host integer seed derived from a JAX key (typed or raw), for the host-side
+    initializers below."""
+    data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    return int(np.asarray(data).astype(np.uint64).sum() % (2**32))
 
 
 def host_init(module: nn.Module, seed: int, leaf_init: Callable, *args,
