@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from kdjax import metrics as M
+from kdjax.jsonio import json_safe
 
 log = logging.getLogger("kdjax.evaluate")
 
@@ -73,24 +73,6 @@ def category_metrics(dataset: str, maps, records, masks=None, regions=None,
 # ---------------------------------------------------------------------------
 # results.json / results.md
 # ---------------------------------------------------------------------------
-
-def _finite_or_none(v):
-    """float, with NaN / inf -> None; containers converted recursively."""
-    if isinstance(v, Mapping):
-        return {str(k): _finite_or_none(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite_or_none(x) for x in v]
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        v = float(v)
-        return v if math.isfinite(v) else None
-    if isinstance(v, np.ndarray):
-        return _finite_or_none(v.tolist())
-    return v
-
 
 def _to_float(v) -> float:
     if v is None:
@@ -181,6 +163,8 @@ def _markdown(results: Dict[str, Any], targets: Optional[Mapping]) -> str:
              "config names one.", ""]
     if results.get("warning"):
         lines += [f"**Warning:** {results['warning']}", ""]
+    for note in results.get("notes") or []:
+        lines += [f"**Note:** {note}", ""]
     if results.get("targets_source"):
         lines += [f"Paper numbers: {results['targets_source']}", ""]
     lines += _threshold_lines(results.get("thresholds"))
@@ -285,7 +269,7 @@ def write_results(workdir: str, method: str, dataset: str, teacher: str,
     targets = _plain(targets) or None
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(_finite_or_none(results), f, indent=2, allow_nan=False)
+        json.dump(json_safe(results), f, indent=2, allow_nan=False)
         f.write("\n")
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(_markdown(results, targets) + "\n")

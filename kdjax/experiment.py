@@ -21,8 +21,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from kdjax import backends, inference
 from kdjax import config as config_lib
-from kdjax import inference
+from kdjax import teacher as teacher_lib
 from kdjax.data.category import WITH_VALIDATION_SPLIT, CategoryData, dataset_root, load_category
 from kdjax.devices import make_mesh
 from kdjax.methods import get_method
@@ -38,31 +39,25 @@ MODES = ("train", "eval", "train_and_eval")
 # Calibration: the model artifact
 # ---------------------------------------------------------------------------
 
-def teacher_source(config, method) -> str:
-    """The teacher weights actually loaded (``auto`` falling back to random says random)."""
-    return str(getattr(method, "teacher_source", None) or config.teacher.weights)
-
-
-def build_model(config, method, ts, frozen, cat: CategoryData, mesh) -> inference.Model:
+def build_model(config, method, teacher: teacher_lib.Teacher, ts, frozen, cat: CategoryData,
+                mesh) -> inference.Model:
     """The trained variables, normalized on the held-out images and with a
     decision threshold (``eval.threshold``): the model a user takes away."""
     from kdjax import weights
 
-    source = teacher_source(config, method)
     mconfig = copy.deepcopy(config)
     with mconfig.unlocked():
-        if not config.get("init_from", ""):  # else the method reloads it from init_from
-            mconfig.teacher.weights = source
+        if not config.get("init_from", ""):  # else the method names init_from's teacher
+            mconfig.teacher.weights = teacher.source
         mconfig.data.category = cat.category
     eval_dtype = str(config.eval.get("compute_dtype", "float32"))
     if eval_dtype == str(config.train.compute_dtype):
         imethod, ifrozen = method, frozen
-    else:  # e.g. trained in bf16, evaluated in fp32: rebuild the modules and the teacher
-        imethod = get_method(inference.inference_config(mconfig))
-        s = int(config.data.image_size)
-        ifrozen = imethod.inference_init((1, s, s, 3))
-    arch = getattr(method, "arch", None) or str(config.teacher.arch)
-    prov = weights.teacher_provenance(arch, source, int(config.teacher.width_divisor))
+    else:  # e.g. trained in bf16, evaluated in fp32: the modules in the eval dtype
+        imethod = get_method(inference.inference_config(mconfig), method.kernels)
+        ifrozen = imethod.frozen_variables(teacher.variables)
+    prov = weights.teacher_provenance(method.teacher_arch, teacher.source,
+                                      int(method.teacher_width_divisor))
     host_ts = jax.device_get({"params": ts["params"], "state": ts["state"]})
     model = inference.Model(mconfig, imethod, host_ts["params"], host_ts["state"], ifrozen,
                             mesh=mesh, provenance=prov, step=int(jax.device_get(ts["step"])))
@@ -200,23 +195,25 @@ def run_config(config, workdir: str, mode: str, ckpt_root: str,
     """Train and/or evaluate every category of one config; returns per-variant
     categories and the threshold report per category."""
     mesh = make_mesh()
+    kernels = backends.select()  # how the models compute on this backend, chosen once
     root = dataset_root(config, workdir)
     cats = config_lib.categories_of(config)
     per_variant: Dict[str, Dict[str, Dict[str, float]]] = {}
     thresholds: Dict[str, Any] = {}
-    method = None
+    method = teacher = None
     for cat_name in cats:
         cat_config = copy.deepcopy(config)
         with cat_config.unlocked():
             cat_config.data.category = cat_name
-        method = get_method(cat_config)  # per category: e.g. MRKD's NSA settings
+        method = get_method(cat_config, kernels)  # per category: e.g. MRKD's NSA settings
         cat = load_category(cat_config, root, cat_name, inference.needs_normalization(method),
                             method.name)
+        teacher = teacher_lib.load(cat_config, method)
         ckpt_dir = os.path.join(ckpt_root, cat_name)
-        ts, frozen = train_category(cat_config, method, cat, ckpt_dir, mesh,
+        ts, frozen = train_category(cat_config, method, teacher.variables, cat, ckpt_dir, mesh,
                                     train=mode in ("train", "train_and_eval"),
                                     metrics_path=os.path.join(workdir, "train_metrics.jsonl"))
-        model = build_model(cat_config, method, ts, frozen, cat, mesh)
+        model = build_model(cat_config, method, teacher, ts, frozen, cat, mesh)
         if write_model:
             save_model(model, workdir)
         if mode in ("eval", "train_and_eval"):
@@ -229,7 +226,8 @@ def run_config(config, workdir: str, mode: str, ckpt_root: str,
                 if k in ("image_auroc", "logical_auroc", "structural_auroc", "pixel_auroc",
                          "au_pro", "au_spro_0.05") and v == v))
     return {"method": method, "per_variant": per_variant, "thresholds": thresholds,
-            "teacher_source": teacher_source(config, method) if method else ""}
+            "teacher_source": teacher.source if teacher else "",
+            "teacher": teacher.description if teacher else "none"}
 
 
 def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> Dict[str, Any]:
@@ -269,8 +267,11 @@ def _write_report(config, workdir, method, collected, first):
     from kdjax import evaluate
 
     main_name = next(iter(collected))
-    teacher = method.teacher_description()
+    teacher = first["teacher"]
     extra: Dict[str, Any] = {"thresholds": first["thresholds"]}
+    notes = method.notes()
+    if notes:
+        extra["notes"] = notes
     if "random" in str(first["teacher_source"]):
         extra["warning"] = ("The teacher has RANDOM weights: these numbers do not measure the "
                             "method. Get the ImageNet weights with: python tools/port_weights.py "

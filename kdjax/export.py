@@ -18,16 +18,15 @@ writes ``DIR/<category>/``:
 * ``model.onnx`` when ``jax2onnx`` is installed (``pip install -e ".[export]"``),
   the same function for ONNX Runtime / OpenVINO.
 
-The function is traced on the portable code path (``kdjax.backends.use
-("portable")``: plain convolutions, no CPU-only custom gradients, barriers or
-compiler options), so the artifact runs on every backend it was lowered for
-and converts to ONNX.
+The function is traced with the portable kernels (``kdjax.backends.PORTABLE``:
+plain convolutions, no CPU-only custom gradients, barriers or compiler
+options), so the artifact runs on every backend it was lowered for and
+converts to ONNX.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from typing import Dict, Optional
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import backends
+from kdjax.jsonio import write_json
 
 log = logging.getLogger("kdjax")
 
@@ -44,7 +44,9 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def portable_function(model):
-    """uint8 (N, S, S, 3) -> (maps, scores, is_anomalous) with every weight a constant."""
+    """uint8 (N, S, S, 3) -> (maps, scores, is_anomalous) with every weight a constant,
+    computed with the portable kernels."""
+    model = model.with_kernels(backends.PORTABLE)
     host = jax.device_get({"params": model.params, "state": model.state, "frozen": model.frozen})
     s = model.size
     threshold = model.threshold_value
@@ -68,14 +70,13 @@ def export_jax(model, platforms=PLATFORMS):
     fn = portable_function(model)
     (b,) = export.symbolic_shape("b")
     spec = jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8)
-    with backends.use("portable"):
-        try:
-            return export.export(jax.jit(fn), platforms=tuple(platforms))(spec)
-        except Exception as e:  # a platform this jaxlib cannot lower for
-            here = jax.default_backend()
-            log.warning("Export for %s failed (%s); exporting for %s only.",
-                        ",".join(platforms), str(e).splitlines()[0][:200], here)
-            return export.export(jax.jit(fn), platforms=(here,))(spec)
+    try:
+        return export.export(jax.jit(fn), platforms=tuple(platforms))(spec)
+    except Exception as e:  # a platform this jaxlib cannot lower for
+        here = jax.default_backend()
+        log.warning("Export for %s failed (%s); exporting for %s only.",
+                    ",".join(platforms), str(e).splitlines()[0][:200], here)
+        return export.export(jax.jit(fn), platforms=(here,))(spec)
 
 
 def export_onnx(model, path: str, opset: int = 18) -> str:
@@ -91,7 +92,7 @@ def export_onnx(model, path: str, opset: int = 18) -> str:
 
     s = model.size
     fn = portable_function(model)
-    with backends.use("portable"), _jax2onnx_workarounds():
+    with _jax2onnx_workarounds():
         proto = to_onnx(fn, [jax.ShapeDtypeStruct(("N", s, s, 3), jnp.uint8)],
                         model_name=f"kdjax_{model.method.name}_{model.category}",
                         opset=int(opset), input_names=["images"],
@@ -309,12 +310,7 @@ def export_model(model, out_dir: str, onnx: Optional[bool] = None) -> Dict[str, 
                                   "is_anomalous bool (N,): score > threshold"]},
         "model.onnx": "written" if "model.onnx" in paths else "not written",
     }
-    from kdjax.inference import _json_safe
-
-    paths["model.json"] = os.path.join(out_dir, "model.json")
-    with open(paths["model.json"], "w") as f:
-        json.dump(_json_safe(desc), f, indent=2, allow_nan=False)
-        f.write("\n")
+    paths["model.json"] = write_json(os.path.join(out_dir, "model.json"), desc)
     return paths
 
 

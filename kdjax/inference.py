@@ -2,7 +2,7 @@
 
 A :class:`Model` holds a method, its trained ``params`` and ``state``, the
 frozen teacher variables, the map normalization and the decision threshold.
-Evaluation (kdjax/evaluate_run.py), :class:`kdjax.predict.Predictor`,
+Evaluation (kdjax/experiment.py), :class:`kdjax.predict.Predictor`,
 ``--mode=predict`` and ``--mode=export`` all call it; nothing else combines
 or resizes maps.
 
@@ -35,9 +35,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +44,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from kdjax import devices, ops, xla
+from kdjax import backends, devices, ops
 from kdjax.errors import ConfigError, WorkdirError
+from kdjax.jsonio import write_json
 
 log = logging.getLogger("kdjax")
 
@@ -310,7 +310,7 @@ class Model:
             def run(params, state, frozen, images_u8):
                 return self.method.maps(params, state, frozen, self._normalized_input(images_u8))
 
-            self._fns[key] = xla.jit(run, out_shardings=out_sh)
+            self._fns[key] = backends.jit(run, out_shardings=out_sh)
         return self._fns[key]
 
     def _forward_fn(self, size, weights, norm):
@@ -322,7 +322,7 @@ class Model:
                 return self.forward(params, state, frozen, images_u8, size, weights, norm,
                                     sharded=True)
 
-            self._fns[key] = xla.jit(run, out_shardings=out_sh)
+            self._fns[key] = backends.jit(run, out_shardings=out_sh)
         return self._fns[key]
 
     def jitted(self, size=None):
@@ -335,7 +335,7 @@ class Model:
     def _finish_fn(self, size, weights, norm):
         key = ("finish", size, tuple(sorted(weights.items())), _hashable(norm))
         if key not in self._fns:
-            self._fns[key] = xla.jit(lambda comps: self.finish(comps, size, weights, norm))
+            self._fns[key] = backends.jit(lambda comps: self.finish(comps, size, weights, norm))
         return self._fns[key]
 
     # --- host API -------------------------------------------------------------
@@ -446,18 +446,17 @@ class Model:
         with open(tmp, "wb") as f:
             f.write(serialization.msgpack_serialize(_plain_tree(host)))
         os.replace(tmp, os.path.join(path, VARIABLES_FILE))
-        tmp = os.path.join(path, MODEL_JSON + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(_json_safe(self.describe()), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, os.path.join(path, MODEL_JSON))
+        write_json(os.path.join(path, MODEL_JSON), self.describe())
         return path
 
     @classmethod
-    def load(cls, path: str, mesh=None, compute_dtype: Optional[str] = None) -> "Model":
-        """A model from ``<workdir>/model/<category>`` (no optimizer, no dataset)."""
+    def load(cls, path: str, mesh=None, compute_dtype: Optional[str] = None,
+             kernels: Optional[backends.Kernels] = None) -> "Model":
+        """A model from ``<workdir>/model/<category>`` (no optimizer, no dataset); its
+        modules compute with ``kernels`` (default: this backend's, kdjax.backends)."""
         from flax import serialization
 
+        from kdjax import teacher as teacher_lib
         from kdjax import weights as weights_lib
         from kdjax.methods import get_method
 
@@ -484,14 +483,27 @@ class Model:
                 weights_lib.check_provenance(prov)
             except (ValueError, OSError) as e:
                 raise WorkdirError(f"{mj}: {e}") from None
-        method = get_method(inference_config(config))
-        frozen = method.inference_init(_image_shape(config))
+        method = get_method(inference_config(config), kernels)
+        frozen = method.frozen_variables(teacher_lib.load(config, method, fallback=False).variables)
         with open(vf, "rb") as f:
             variables = serialization.msgpack_restore(f.read())
         norm = desc.get("normalization")
         return cls(config, method, variables["params"], variables["state"], frozen,
                    norm=norm, threshold=desc.get("threshold"), mesh=mesh, provenance=prov,
                    step=int(desc.get("trained_steps", 0)))
+
+    def with_kernels(self, kernels: backends.Kernels) -> "Model":
+        """The same model with its modules computing with ``kernels`` (e.g.
+        ``kdjax.backends.PORTABLE`` for export): same variables, normalization and
+        threshold."""
+        if self.method.kernels == kernels:
+            return self
+        from kdjax.methods import get_method
+
+        method = get_method(inference_config(self.config), kernels)
+        return Model(self.config, method, self.params, self.state, self.frozen, norm=self.norm,
+                     threshold=self.threshold, mesh=self.mesh, provenance=self.provenance,
+                     step=self.step)
 
     # --- export -----------------------------------------------------------------
     def export(self, out_dir: str, onnx: Optional[bool] = None) -> Dict[str, str]:
@@ -504,11 +516,6 @@ class Model:
         from kdjax import export as export_lib
 
         return export_lib.export_model(self, out_dir, onnx=onnx)
-
-
-def _image_shape(config):
-    s = int(config.data.image_size)
-    return (1, s, s, 3)
 
 
 def inference_config(config):
@@ -524,21 +531,6 @@ def _plain_tree(tree):
     if isinstance(tree, dict) or hasattr(tree, "items"):
         return {str(k): _plain_tree(v) for k, v in tree.items()}
     return np.asarray(tree)
-
-
-def _json_safe(v):
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, (np.floating, float)):
-        v = float(v)
-        return v if math.isfinite(v) else None
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, np.bool_):
-        return bool(v)
-    return v
 
 
 def model_dir(workdir: str, category: str) -> str:

@@ -72,7 +72,6 @@ def _one_line_errors() -> tuple:
     """UserError, plus the engine's errors that already carry a complete message."""
     errors = [UserError]
     for module, name in (("kdjax.train", "TrainingDivergedError"),
-                         ("kdjax.train", "WorkdirLockedError"),
                          ("kdjax.workdir", "WorkdirLockedError")):
         cls = getattr(sys.modules.get(module), name, None)  # only if already imported
         if isinstance(cls, type) and issubclass(cls, BaseException):
@@ -282,9 +281,9 @@ def _run(argv) -> None:
         from kdjax.distributed import initialize
 
         initialize(config)
-    from kdjax import train
+    from kdjax import experiment
 
-    train.train_and_evaluate(config, workdir, mode)
+    experiment.train_and_evaluate(config, workdir, mode)
 
 
 def main(argv):

@@ -79,3 +79,13 @@ def denormalize_images(images):
     mean = jnp.asarray(IMAGENET_MEAN, images.dtype)
     std = jnp.asarray(IMAGENET_STD, images.dtype)
     return images * std + mean
+
+
+def pad_and_upsample(maps, size, padding: int):
+    """(N, h, w) maps -> zero-padded by ``padding`` on each side -> bilinear
+    (align_corners=False) to ``size``, as the reference's
+    ``F.pad(m, (4, 4, 4, 4))`` + ``F.interpolate(m, size, mode='bilinear')``."""
+    p = int(padding)
+    if p:
+        maps = jnp.pad(maps, ((0, 0), (p, p), (p, p)))
+    return resize_bilinear(maps, tuple(size), align_corners=False)

@@ -28,11 +28,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kdjax import checkpoints, ops, xla
-from kdjax.devices import batch_spec, make_mesh, map_batches, put_global  # noqa: F401
-from kdjax.data.category import CategoryData  # noqa: F401
+from kdjax import backends, checkpoints, ops
+from kdjax.data.category import CategoryData
+from kdjax.devices import batch_spec, put_global
 from kdjax.errors import UserError, WorkdirError
-from kdjax.workdir import WorkdirLockedError  # noqa: F401
 
 log = logging.getLogger("kdjax")
 
@@ -96,23 +95,62 @@ def make_train_fn(method, tx, mesh: Mesh, batch: int, n_steps: int):
                                                  length=n_steps)
         return ts, metrics
 
-    return xla.jit(run, donate_argnums=(0,))
+    return backends.jit(run, donate_argnums=(0,))
 
 
-def build_teacher_cache(config, method, frozen, images: np.ndarray, mesh: Mesh):
+def map_resident(fn, args, data: jax.Array, batch: int, mesh: Mesh):
+    """``fn(args, x)`` (jittable; ``x`` a uint8 batch, the outputs a pytree of arrays
+    with the batch axis first) over every image of the device-resident ``data``, in
+    batches of ``batch`` sharded over the mesh (the last batch overlaps the one
+    before it, so one compiled shape serves and nothing is uploaded again); the host
+    outputs, ``len(data)`` rows."""
+    n = int(data.shape[0])
+    b = max(1, min(int(batch), n))
+    in_sh = NamedSharding(mesh, batch_spec(mesh, b))
+
+    def run(args, d, start):
+        x = jax.lax.with_sharding_constraint(jax.lax.dynamic_slice_in_dim(d, start, b), in_sh)
+        return fn(args, x)
+
+    jrun = backends.jit(run, out_shardings=NamedSharding(mesh, P()))
+    parts = []
+    for i in range(0, n, b):
+        start = min(i, n - b)
+        out = jax.device_get(jrun(args, data, jnp.int32(start)))
+        parts.append(jax.tree_util.tree_map(lambda a, k=i - start: np.asarray(a)[k:], out))
+    return jax.tree_util.tree_map(lambda *a: np.concatenate(a, 0), *parts)
+
+
+def prepare_state(method, frozen, state, data: jax.Array, batch: int, mesh: Mesh):
+    """The state after the method's ``prepare_passes`` over the resident training
+    images: each pass averages :meth:`~kdjax.methods.base.Method.prepare_statistic`
+    over every image (float64 on the host) and hands the means to ``prepare_update``."""
+    if not method.prepare_passes:
+        return state
+    fn = lambda a, x: method.prepare_statistic(a[0], a[1], ops.normalize_images(x))  # noqa: E731
+    for index in range(int(method.prepare_passes)):
+        stats = map_resident(fn, (frozen, state), data, batch, mesh)
+        means = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64).mean(0), stats)
+        state = jax.device_put(method.prepare_update(index, jax.device_get(state), means),
+                               NamedSharding(mesh, P()))
+    return state
+
+
+def build_teacher_cache(config, method, frozen, data: jax.Array, mesh: Mesh):
     """The method's :meth:`~kdjax.methods.base.Method.teacher_cache` of every
-    training image (uint8 host array), replicated on the mesh like the resident
-    images; None when the method has nothing to cache, ``train.cache_teacher``
-    is off, or the cache would exceed ``train.cache_teacher_max_gb`` per device.
+    resident training image (``data``, uint8 on the devices), replicated on the mesh
+    like the images; None when the method has nothing to cache,
+    ``train.cache_teacher`` is off, or the cache would exceed
+    ``train.cache_teacher_max_gb`` per device.
 
     Every step of RD4AD / MRKD / CAD / EfficientAD then skips the frozen
     teacher's forward pass on the clean images (for RD4AD and CAD that is the
     whole teacher); the values are the same up to float summation order."""
     if not bool(config.train.get("cache_teacher", True)):
         return None
-    n = len(images)
+    n = int(data.shape[0])
     one = jax.eval_shape(method.teacher_cache, frozen,
-                         jax.ShapeDtypeStruct((1,) + images.shape[1:], jnp.float32))
+                         jax.ShapeDtypeStruct((1,) + tuple(data.shape[1:]), jnp.float32))
     leaves = jax.tree_util.tree_leaves(one)
     if not leaves:
         return None
@@ -122,38 +160,28 @@ def build_teacher_cache(config, method, frozen, images: np.ndarray, mesh: Mesh):
         log.info("Teacher cache not used: %.2f GiB for %d images exceeds "
                  "train.cache_teacher_max_gb=%.1f; the teacher runs in every step.", gb, n, limit)
         return None
-    # Replicated output: every process can read it (several hosts included).
-    repl = NamedSharding(mesh, P())
-    fn = xla.jit(lambda f, x: method.teacher_cache(f, ops.normalize_images(x)),
-                 out_shardings=repl)
-    host = map_batches(lambda x: fn(frozen, x), images, int(config.eval.batch_size), mesh)
+    host = map_resident(lambda f, x: method.teacher_cache(f, ops.normalize_images(x)), frozen,
+                        data, int(config.eval.batch_size), mesh)
     log.info("Teacher cache: %.2f GiB for %d training images (train.cache_teacher).", gb, n)
+    repl = NamedSharding(mesh, P())  # every process can read it (several hosts included)
     return jax.tree_util.tree_map(lambda a: put_global(a, repl), host)
 
 
-def _eval_batches(images: np.ndarray, batch: int):
-    """Normalized device batches of a host image array (for Method.prepare)."""
-    def gen():
-        for i in range(0, len(images), batch):
-            yield ops.normalize_images(jnp.asarray(images[i:i + batch]))
-    return gen
-
-
-def init_train_state(config, method, cat: CategoryData, mesh: Mesh):
-    """Method variables and the initial train state, replicated on the mesh."""
+def init_train_state(config, method, teacher_variables, cat: CategoryData, mesh: Mesh):
+    """Method variables and the initial train state (before the method's statistics
+    of the training set, :func:`prepare_state`), replicated on the mesh."""
     seed_key = jax.random.PRNGKey(int(config.seed))
     k_init = jax.random.fold_in(seed_key, 0)
     batch = int(config.train.batch_size)
     size = int(config.data.image_size)
-    variables = method.init(k_init, (batch, size, size, 3))
+    variables = method.init(k_init, (batch, size, size, 3), teacher_variables)
     if config.init_from:
         variables = method.import_reference(variables, str(config.init_from))
         log.info("Imported reference checkpoint %s", config.init_from)
-    state = method.prepare(variables, _eval_batches(cat.train, int(config.eval.batch_size)))
     steps = total_steps(config, len(cat.train))
     tx = method.optimizer(steps)
     params = variables["params"]
-    ts = {"step": jnp.zeros((), jnp.int32), "params": params, "state": state,
+    ts = {"step": jnp.zeros((), jnp.int32), "params": params, "state": variables["state"],
           "opt_state": tx.init(params)}
     repl = NamedSharding(mesh, P())
     ts = jax.device_put(ts, repl)
@@ -161,31 +189,49 @@ def init_train_state(config, method, cat: CategoryData, mesh: Mesh):
     return ts, frozen, tx, steps
 
 
-def train_category(config, method, cat: CategoryData, ckpt_dir: str, mesh: Mesh,
-                   train: bool = True, metrics_path: Optional[str] = None):
-    """Train (or resume, or just restore) one category; returns (ts, frozen)."""
+def train_category(config, method, teacher_variables, cat: CategoryData, ckpt_dir: str,
+                   mesh: Mesh, train: bool = True, metrics_path: Optional[str] = None):
+    """Train (or resume, or just restore) one category; returns (ts, frozen).
+
+    The training images are put on the devices once; the method's statistics of
+    the training set (:func:`prepare_state`, skipped when a checkpoint is restored)
+    and the teacher cache are computed from that resident copy."""
     if train:  # a rerun with other training settings would mix two trainings
         checkpoints.check_training_config(ckpt_dir, config)
-    ts, frozen, tx, steps = init_train_state(config, method, cat, mesh)
+    ts, frozen, tx, steps = init_train_state(config, method, teacher_variables, cat, mesh)
     mngr = checkpoints.checkpoint_manager(ckpt_dir, config.train.keep_checkpoints)
     restored = checkpoints.restore(mngr, ts)
+    repl = NamedSharding(mesh, P())
     if restored is not None:
-        ts = jax.device_put(restored, NamedSharding(mesh, P()))
+        ts = jax.device_put(restored, repl)
         log.info("[%s] resumed from checkpoint at step %d", cat.category, int(ts["step"]))
     elif not train and not config.init_from:
         raise WorkdirError(
             f"No checkpoint in {ckpt_dir}: run with --mode=train (or train_and_eval) first, "
             "or evaluate a reference checkpoint with --config.init_from=<file>.")
     start = int(jax.device_get(ts["step"]))
-    if not train or start >= steps:
+    training = train and start < steps
+    data = None
+    if training or (restored is None and method.prepare_passes):
+        data = put_global(cat.train, repl)  # the one upload of the training images
+    if restored is None:
+        ts = {**ts, "state": prepare_state(method, frozen, ts["state"], data,
+                                           int(config.eval.batch_size), mesh)}
+    if not training:
         mngr.close()
         return ts, frozen
 
     batch = int(config.train.batch_size)
     per_call = max(1, min(int(config.train.steps_per_call), steps))
     ckpt_every = max(1, int(config.train.checkpoint_every))
-    data = put_global(cat.train, NamedSharding(mesh, P()))
-    cache = build_teacher_cache(config, method, frozen, cat.train, mesh)
+    train_frozen = dict(frozen)  # + image sets only the loss reads (EfficientAD's penalty)
+    for name, spec in method.training_images().items():
+        from kdjax.data.penalty import load_penalty_images
+
+        images = load_penalty_images(**spec)
+        log.info("[%s] %s: %d images from %s", cat.category, name, len(images), spec["folder"])
+        train_frozen[name] = put_global(images, repl)
+    cache = build_teacher_cache(config, method, frozen, data, mesh)
     key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 1)
     fns: Dict[int, Any] = {}
     log.info("[%s] training %s: %d steps, batch %d, %d images, %d device(s), %s",
@@ -202,7 +248,7 @@ def train_category(config, method, cat: CategoryData, ckpt_dir: str, mesh: Mesh,
             n = min(per_call, steps - step)
             if n not in fns:
                 fns[n] = make_train_fn(method, tx, mesh, batch, n)
-            ts, metrics = fns[n](ts, data, frozen, key, cache)
+            ts, metrics = fns[n](ts, data, train_frozen, key, cache)
             losses = np.asarray(jax.device_get(metrics["loss"]))
             if not np.all(np.isfinite(losses)):
                 bad = step + int(np.argmax(~np.isfinite(losses))) + 1
@@ -312,10 +358,3 @@ def _drop_metrics_after(path: str, category: str, step: int) -> None:
 def _fmt_time(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval"):
-    """Kept for callers of the former entry point: kdjax.experiment.train_and_evaluate."""
-    from kdjax import experiment
-
-    return experiment.train_and_evaluate(config, workdir, mode)

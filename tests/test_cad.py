@@ -16,6 +16,7 @@ import pytest
 from kdjax import losses
 from kdjax.config import load_config
 from kdjax.methods.cad import CAD, default_config, resolve_config
+from kdjax.teacher import init_method
 from kdjax.models.cad import GCCB, GlobalBranch
 
 FULL = {"layer1": (2, 64, 64, 256), "layer2": (2, 32, 32, 512), "layer3": (2, 16, 16, 1024)}
@@ -160,7 +161,7 @@ def test_global_branch_loss_decreases_on_random_features():
 @pytest.fixture(scope="module")
 def tiny_method():
     m = CAD(tiny_config())
-    return m, m.init(jax.random.key(0), (4, 32, 32, 3))  # host-side init: no compilation
+    return m, init_method(m.config, m, jax.random.key(0), (4, 32, 32, 3))  # host-side init
 
 
 def test_cad_variables_loss_and_maps_structure(tiny_method):
@@ -188,7 +189,7 @@ def test_cad_variables_loss_and_maps_structure(tiny_method):
 
 def test_cad_gccb_on_ocbe_output_builds():
     m = CAD(tiny_config(**{"cad.gccb_input": "ocbe", "cad.mixing": "pool"}))
-    v = m.init(jax.random.key(0), (2, 32, 32, 3))
+    v = init_method(m.config, m, jax.random.key(0), (2, 32, 32, 3))
     images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
     maps = jax.eval_shape(m.maps, v["params"], v["state"], v["frozen"], images)
     assert maps["global"].shape == (2, 32, 32)
@@ -206,7 +207,7 @@ def test_cad_gccb_on_ocbe_output_builds():
 ])
 def test_cad_config_choices_trace(overrides):
     m = CAD(tiny_config(**overrides))
-    v = m.init(jax.random.key(0), (2, 32, 32, 3))
+    v = init_method(m.config, m, jax.random.key(0), (2, 32, 32, 3))
     images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
     loss, (_, metrics) = jax.eval_shape(m.loss, v["params"], v["state"], v["frozen"], images,
                                         jax.random.key(0))
@@ -231,14 +232,14 @@ def test_global_map_is_the_upsampled_affinity_discrepancy():
 # --- the engine, end to end -------------------------------------------------
 
 def test_cad_end_to_end_on_synthetic_loco(tmp_path):
-    from kdjax import train
+    from kdjax import experiment
 
     c = tiny_config()
     with c.unlocked():
         c.eval.weight_variants = ml_collections.ConfigDict({
             "local_only": {"local": 1.0, "global": 0.0},
             "global_only": {"local": 0.0, "global": 1.0}})
-    res = train.train_and_evaluate(c, str(tmp_path))
+    res = experiment.train_and_evaluate(c, str(tmp_path))
     on_disk = json.load(open(tmp_path / "results.json"))
     assert on_disk["method"] == "cad"
     for key in ("logical_auroc", "structural_auroc", "image_auroc", "au_spro_0.05"):

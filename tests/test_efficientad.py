@@ -13,10 +13,12 @@ import numpy as np
 import optax
 import pytest
 
-from kdjax import losses
+from kdjax import augment, backends, losses, optim
 from kdjax.config import base_config
+from kdjax.data import penalty
 from kdjax.methods import efficientad as ead
 from kdjax.models.pdn import PDN, Autoencoder, pdn_output_size
+from kdjax.teacher import init_method
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -51,20 +53,28 @@ def test_hard_feature_loss_matches_numpy():
                                rtol=1e-6)
 
 
+def _quantile_hard_loss(distance, quantile):
+    """The hard loss written with jnp.quantile (linear interpolation, as torch.quantile)."""
+    d = distance.reshape(-1).astype(jnp.float32)
+    q = jnp.quantile(d, quantile)
+    keep = d >= q
+    return jnp.sum(jnp.where(keep, d, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+
+
 def test_fast_hard_loss_equals_quantile_version():
-    """kth_largest is exact; the method's hard loss equals losses.hard_feature_loss
-    (jnp.quantile), ties and negative values included."""
+    """kth_largest is exact; the hard loss equals the one written with jnp.quantile,
+    ties and negative values included."""
     rng = np.random.default_rng(7)
     x = rng.normal(size=(5003,)).astype(np.float32)
     x[:40] = x[40]  # ties
     want = np.sort(x)[::-1]
     ks = [1, 2, 41, 5003]
-    np.testing.assert_array_equal(np.asarray(ead.kth_largest(jnp.asarray(x), ks)),
+    np.testing.assert_array_equal(np.asarray(losses.kth_largest(jnp.asarray(x), ks)),
                                   want[np.array(ks) - 1])
     for shape, q in (((1, 7, 9, 24), 0.999), ((2, 11, 13, 31), 0.9), ((3001,), 0.5)):
         d = jnp.asarray(rng.random(shape).astype(np.float32) ** 2)
-        assert float(ead.hard_feature_loss(d, q)) == float(losses.hard_feature_loss(d, q))
-    assert np.isnan(float(ead.hard_feature_loss(jnp.asarray([1.0, np.nan, 2.0]), 0.5)))
+        assert float(losses.hard_feature_loss(d, q)) == float(_quantile_hard_loss(d, q))
+    assert np.isnan(float(losses.hard_feature_loss(jnp.asarray([1.0, np.nan, 2.0]), 0.5)))
 
 
 def test_dfsc_margin_loss_matches_numpy():
@@ -77,10 +87,10 @@ def test_dfsc_margin_loss_matches_numpy():
     hinge = np.maximum(m - ((s - t) ** 2).mean(-1), 0)
     want = hinge[sel].mean()
     assert 0 < sel.sum() < sel.size and (hinge[sel] > 0).any()
-    got = ead.dfsc_margin_loss(jnp.asarray(t), jnp.asarray(a), jnp.asarray(s), m, q)
+    got = losses.dfsc_margin_loss(jnp.asarray(t), jnp.asarray(a), jnp.asarray(s), m, q)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
     # gradient only to the student branch
-    g = jax.grad(lambda t_, a_, s_: ead.dfsc_margin_loss(t_, a_, s_, m, q), argnums=(0, 1, 2))(
+    g = jax.grad(lambda t_, a_, s_: losses.dfsc_margin_loss(t_, a_, s_, m, q), argnums=(0, 1, 2))(
         jnp.asarray(t), jnp.asarray(a), jnp.asarray(s))
     assert float(jnp.abs(g[0]).max()) == 0 and float(jnp.abs(g[1]).max()) == 0
     assert float(jnp.abs(g[2]).max()) > 0
@@ -88,15 +98,15 @@ def test_dfsc_margin_loss_matches_numpy():
     m_rel = 0.03  # some hinges active, some not (d_st ~0.1, d_ta ~3 here)
     hinge_rel = np.maximum(m_rel * d_ta - ((s - t) ** 2).mean(-1), 0)
     assert 0 < (hinge_rel[sel] > 0).sum() < sel.sum()
-    got, active = ead.dfsc_margin_loss(jnp.asarray(t), jnp.asarray(a), jnp.asarray(s), m_rel, q,
+    got, active = losses.dfsc_margin_loss(jnp.asarray(t), jnp.asarray(a), jnp.asarray(s), m_rel, q,
                                        "relative", with_active=True)
     np.testing.assert_allclose(float(got), hinge_rel[sel].mean(), rtol=1e-5)
     np.testing.assert_allclose(float(active), (hinge_rel[sel] > 0).mean(), rtol=1e-6)
-    g = jax.grad(lambda t_, a_, s_: ead.dfsc_margin_loss(t_, a_, s_, m_rel, q, "relative"),
+    g = jax.grad(lambda t_, a_, s_: losses.dfsc_margin_loss(t_, a_, s_, m_rel, q, "relative"),
                  argnums=(0, 1, 2))(jnp.asarray(t), jnp.asarray(a), jnp.asarray(s))
     assert float(jnp.abs(g[0]).max()) == 0 and float(jnp.abs(g[1]).max()) == 0
     with pytest.raises(ValueError, match="relative"):
-        ead.dfsc_margin_loss(jnp.asarray(t), jnp.asarray(a), jnp.asarray(s), m, q, "percent")
+        losses.dfsc_margin_loss(jnp.asarray(t), jnp.asarray(a), jnp.asarray(s), m, q, "percent")
 
 
 def _np_blend(x, f, other):
@@ -109,12 +119,12 @@ def test_colour_jitter_ops_match_torchvision_formulas():
     f = np.array([0.8, 1.0, 1.2], np.float32)
     gray = (x * GRAY).sum(-1, keepdims=True)
     fb = f[:, None, None, None]
-    np.testing.assert_allclose(ead.adjust_brightness(jnp.asarray(x), f), _np_blend(x, fb, 0),
+    np.testing.assert_allclose(augment.adjust_brightness(jnp.asarray(x), f), _np_blend(x, fb, 0),
                                atol=1e-6)
-    np.testing.assert_allclose(ead.adjust_contrast(jnp.asarray(x), f),
+    np.testing.assert_allclose(augment.adjust_contrast(jnp.asarray(x), f),
                                _np_blend(x, fb, gray.mean(axis=(1, 2, 3), keepdims=True)),
                                atol=1e-6)
-    np.testing.assert_allclose(ead.adjust_saturation(jnp.asarray(x), f),
+    np.testing.assert_allclose(augment.adjust_saturation(jnp.asarray(x), f),
                                _np_blend(x, fb, gray), atol=1e-6)
 
     # color_jitter_ae: each image gets one of the three, factor in [0.8, 1.2],
@@ -122,7 +132,7 @@ def test_colour_jitter_ops_match_torchvision_formulas():
     n = 16
     x = rng.random((n, 6, 6, 3)).astype(np.float32)
     key = jax.random.PRNGKey(3)
-    out = np.asarray(ead.color_jitter_ae(jnp.asarray((x - IMAGENET_MEAN) / IMAGENET_STD), key))
+    out = np.asarray(augment.color_jitter_ae(jnp.asarray((x - IMAGENET_MEAN) / IMAGENET_STD), key))
     out = out * IMAGENET_STD + IMAGENET_MEAN
     k_c, k_f = jax.random.split(key)
     choice = np.asarray(jax.random.randint(k_c, (n,), 0, 3))
@@ -139,7 +149,7 @@ def test_optimizer_is_torch_adam_with_l2_and_steplr():
     p0 = rng.normal(size=(5,)).astype(np.float64)
     grads = rng.normal(size=(4, 5))
     lr, wd, b1, b2, eps = 1e-2, 1e-1, 0.9, 0.999, 1e-8
-    tx = ead.stepped_adam(lr, 4, weight_decay=wd)  # StepLR step_size int(0.95*4) = 3
+    tx = optim.stepped_adam(lr, 4, weight_decay=wd)  # StepLR step_size int(0.95*4) = 3
     p = jnp.asarray(p0, jnp.float32)
     state = tx.init(p)
     want, m, v = p0.copy(), 0 * p0, 0 * p0
@@ -186,19 +196,20 @@ def test_pdn_shapes_at_256(size):
 
 
 def test_conv_impls_and_student_groups_agree():
-    """im2col and lax.conv give the same PDN / AE; ``groups`` gives the same channels."""
+    """The CPU kernels' im2col training convolution and lax.conv give the same PDN / AE;
+    ``groups`` gives the same channels."""
+    im2col = backends.cpu_kernels().pdn_conv_train
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 64, 64, 3))
-    a, b = PDN("S", 16, width_divisor=16, conv_impl="xla"), PDN("S", 16, width_divisor=16,
-                                                                 conv_impl="im2col")
+    a, b = PDN("S", 16, width_divisor=16), PDN("S", 16, width_divisor=16, conv=im2col)
 
     @jax.jit
     def run(x):
         v = a.init(jax.random.PRNGKey(1), x)
         full = a.apply(v, x)
         parts = b.apply(v, x, groups=((2, 0, 8), (1, 8, 16)))
-        ae = Autoencoder(8, 8, width_divisor=8, conv_impl="xla")
+        ae = Autoencoder(8, 8, width_divisor=8)
         va = ae.init(jax.random.PRNGKey(2), x)
-        ae2 = Autoencoder(8, 8, width_divisor=8, conv_impl="im2col")
+        ae2 = Autoencoder(8, 8, width_divisor=8, conv=im2col)
         return full, b.apply(v, x), parts, ae.apply(va, x), ae2.apply(va, x)
 
     full, full_b, parts, ae_x, ae_i = run(x)
@@ -221,7 +232,7 @@ def test_pdn_receptive_field_is_33(size):
     """With positive weights and inputs no ReLU is inactive, so an input pixel
     influences exactly the outputs whose receptive field holds it. (XLA's
     convolution: the CPU im2col path is a custom_vjp, which has no jvp.)"""
-    m = PDN(size, 8, width_divisor=16, conv_impl="xla")
+    m = PDN(size, 8, width_divisor=16)
     x = jnp.ones((1, 64, 64, 3))
     out_hw = pdn_output_size(64, size)
     r, c = 5, 60
@@ -252,14 +263,25 @@ def _images(n, seed=0):
     return jax.random.normal(jax.random.PRNGKey(seed), (n, 64, 64, 3)) * 0.5
 
 
+def _prepare(method, v, images):
+    """The engine's statistics passes (kdjax.train.prepare_state) on normalized images."""
+    state = v["state"]
+    for index in range(method.prepare_passes):
+        stats = jax.tree_util.tree_map(
+            np.asarray, method.prepare_statistic(v["frozen"], state, images))
+        state = method.prepare_update(
+            index, state, jax.tree_util.tree_map(lambda a: a.astype(np.float64).mean(0), stats))
+    return state
+
+
 def _train(config, steps=3, start=None):
     """A few optax steps of ``config``'s method; ``start`` = (variables, state)
     of an identical model to skip init / prepare (each compile costs seconds)."""
     method = ead.EfficientAD(config)
     imgs = _images(4)
     if start is None:
-        v = method.init(jax.random.PRNGKey(0), (1, 64, 64, 3))
-        state = method.prepare(v, lambda: iter([imgs[:3], imgs[3:]]))
+        v = init_method(config, method, jax.random.PRNGKey(0), (1, 64, 64, 3))
+        state = _prepare(method, v, imgs)
     else:
         v, state = start
     tx = method.optimizer(steps)
@@ -394,13 +416,13 @@ def test_penalty_images(tmp_path):
         os.makedirs(tmp_path / f"n{i}", exist_ok=True)
         Image.fromarray((rng.random((40, 50, 3)) * 255).astype(np.uint8)).save(
             tmp_path / f"n{i}" / f"{i}.jpg")
-    imgs = ead.load_penalty_images(str(tmp_path), 16, 2, seed=0)
+    imgs = penalty.load_penalty_images(str(tmp_path), 16, 2, seed=0)
     assert imgs.shape == (2, 16, 16, 3) and imgs.dtype == np.uint8
-    b = ead.penalty_batch(jnp.asarray(imgs), jax.random.PRNGKey(0), 64, 1.0)
+    b = augment.penalty_batch(jnp.asarray(imgs), jax.random.PRNGKey(0), 64, 1.0)
     x = np.asarray(b) * IMAGENET_STD + IMAGENET_MEAN  # all grayscale with p = 1
     np.testing.assert_allclose(x[..., 0], x[..., 1], atol=1e-5)
     with pytest.raises(ValueError, match="penalty_dir"):
-        ead.load_penalty_images(str(tmp_path / "missing"), 16, 2, seed=0)
+        penalty.load_penalty_images(str(tmp_path / "missing"), 16, 2, seed=0)
 
 
 def test_config_errors_say_what_to_do():
@@ -436,7 +458,7 @@ def test_shipped_configs():
 
 
 def test_end_to_end_on_tiny_synthetic_loco(tmp_path, tiny_synthetic_root):
-    from kdjax import train
+    from kdjax import experiment
 
     c = tiny_config()
     c.data.dataset = "synthetic"
@@ -452,7 +474,7 @@ def test_end_to_end_on_tiny_synthetic_loco(tmp_path, tiny_synthetic_root):
     c.eval.num_figures = 1
     c.eval.map_weights = {"local": 0.5, "global": 0.5}
     c.efficientad.margin_weight = 1.0
-    train.train_and_evaluate(c, str(tmp_path))
+    experiment.train_and_evaluate(c, str(tmp_path))
     with open(tmp_path / "results.json") as f:
         res = json.load(f)
     assert "RANDOM" in res["teacher"]

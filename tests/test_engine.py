@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from kdjax import inference, losses, ops, train
+from kdjax import experiment, inference, losses, ops, train
+from kdjax.workdir import WorkdirLockedError
 from kdjax.methods import nsa
 from kdjax.methods.rd4ad import rd_anomaly_map
 
@@ -177,7 +178,7 @@ def test_nsa_object_constraint_keeps_patches_on_the_object():
 # --- the engine --------------------------------------------------------------
 
 def _run(config, workdir, mode="train_and_eval"):
-    return train.train_and_evaluate(config, str(workdir), mode)
+    return experiment.train_and_evaluate(config, str(workdir), mode)
 
 
 def _final_params(workdir):
@@ -252,15 +253,21 @@ def test_teacher_cache_feeds_the_loss_what_the_teacher_computes(method_name):
     per-step losses isolate the data: at these tiny shapes, train-mode
     BatchNorm over a few values turns 1e-6 input differences into gradient
     differences of several percent, so training trajectories are not compared)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from kdjax import devices, teacher
+    from kdjax.data.category import CategoryData
     from kdjax.methods import get_method
 
     c = tiny_config(method_name, **{"train.learning_rate": 0.0})
     method = get_method(c)
-    mesh = train.make_mesh()
+    mesh = devices.make_mesh()
     images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
-    cat = train.CategoryData("x", "", images, images[:2], [], [])
-    ts, frozen, tx, _ = train.init_train_state(c, method, cat, mesh)
-    cache = train.build_teacher_cache(c, method, frozen, images, mesh)
+    cat = CategoryData("x", "", images, images[:2], [], [])
+    ts, frozen, tx, _ = train.init_train_state(c, method, teacher.load(c, method).variables, cat,
+                                               mesh)
+    data = devices.put_global(images, NamedSharding(mesh, P()))
+    cache = train.build_teacher_cache(c, method, frozen, data, mesh)
     x = ops.normalize_images(jnp.asarray(images))
     want = jax.tree_util.tree_map(np.asarray, method.teacher_features(frozen, x))
     got = jax.tree_util.tree_map(np.asarray, cache)
@@ -279,7 +286,6 @@ def test_teacher_cache_feeds_the_loss_what_the_teacher_computes(method_name):
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
-    data = train.put_global(images, train.NamedSharding(mesh, train.P()))
     if method_name != "rd4ad":  # the engine's part is the same for every method
         return
     fn = train.make_train_fn(method, tx, mesh, 4, 3)
@@ -292,7 +298,7 @@ def test_teacher_cache_feeds_the_loss_what_the_teacher_computes(method_name):
     # off by config, or over the memory bound: no cache, the teacher runs in every step
     for k, v in (("train.cache_teacher", False), ("train.cache_teacher_max_gb", 1e-6)):
         c2 = tiny_config(method_name, **{k: v})
-        assert train.build_teacher_cache(c2, method, frozen, images, mesh) is None
+        assert train.build_teacher_cache(c2, method, frozen, data, mesh) is None
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monkeypatch):
@@ -301,8 +307,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monk
     class Exploding(RD4AD):
         """RD4AD whose loss becomes NaN from its 4th step on (a counter in the state)."""
 
-        def init(self, rng, image_shape):
-            v = super().init(rng, image_shape)
+        def init(self, rng, image_shape, teacher_variables):
+            v = super().init(rng, image_shape, teacher_variables)
             v["state"] = {**v["state"], "count": jnp.zeros((), jnp.int32)}
             return v
 
@@ -311,9 +317,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monk
             loss = jnp.where(state["count"] >= 3, jnp.nan, loss)
             return loss, ({**new_state, "count": state["count"] + 1}, m)
 
-    from kdjax import experiment
-
-    monkeypatch.setattr(experiment, "get_method", lambda c: Exploding(c))
+    monkeypatch.setattr(experiment, "get_method", lambda c, kernels=None: Exploding(c, kernels))
     c = tiny_config("rd4ad", **{"data.root": data_root, "train.steps": 6})
     with pytest.raises(train.TrainingDivergedError, match=r"step 4.*last good checkpoint \(step 2\)"):
         _run(c, tmp_path, "train")
@@ -326,7 +330,7 @@ def test_locked_workdir_is_refused(tmp_path, data_root):
         import socket
         lock.write_text(json.dumps({"pid": p.pid, "host": socket.gethostname()}))
         c = tiny_config("rd4ad", **{"data.root": data_root})
-        with pytest.raises(train.WorkdirLockedError, match="in use by another kdjax run"):
+        with pytest.raises(WorkdirLockedError, match="in use by another kdjax run"):
             _run(c, tmp_path, "train")
     finally:
         p.kill()
@@ -342,7 +346,7 @@ _SUBPROCESS = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import jax, numpy as np, optax
     from test_engine import tiny_config
-    from kdjax import train
+    from kdjax import experiment
     from kdjax.methods.base import Method
     # SGD: Adam's per-parameter normalization would turn the 1- vs 4-device summation
     # differences into visible parameter differences.
@@ -352,7 +356,7 @@ _SUBPROCESS = textwrap.dedent("""
     c = tiny_config("rd4ad", **{{"data.root": {root!r}, "train.steps": 4, "train.log_every": 1,
                                  "data.image_size": 64, "train.steps_per_call": 1}})
     {extra}
-    train.train_and_evaluate(c, {workdir!r}, "train")
+    experiment.train_and_evaluate(c, {workdir!r}, "train")
 """)
 
 

@@ -28,6 +28,7 @@ METHODS = ["rd4ad", "mrkd", "cad", "efficientad"]
 def _model(name):
     from kdjax.inference import Model
     from kdjax.methods import get_method
+    from kdjax.teacher import init_method
 
     if name == "efficientad":
         from test_efficientad import tiny_config
@@ -42,7 +43,7 @@ def _model(name):
     with c.unlocked():
         c.data.category = "tray"
     m = get_method(c)
-    v = m.init(jax.random.PRNGKey(0), (1, size, size, 3))
+    v = init_method(c, m, jax.random.PRNGKey(0), (1, size, size, 3))
     state = v["state"]
     if name == "efficientad":  # teacher feature statistics other than 0 / 1
         rng = np.random.default_rng(1)

@@ -1,4 +1,4 @@
-"""kdjax.models.fastconv: the same convolution and gradients as lax.conv_general_dilated."""
+"""kdjax.backends.fastconv: the same convolution and gradients as lax.conv_general_dilated."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from kdjax.models import fastconv
+from kdjax.backends import fastconv
 
 DN = ("NHWC", "HWIO", "NHWC")
 

@@ -14,8 +14,10 @@ import numpy as np
 import optax
 import pytest
 
+from kdjax import losses
 from kdjax.config import base_config, load_config
 from kdjax.methods import efficientad as ead
+from kdjax.teacher import init_method
 
 
 # ---------------------------------------------------------------------------
@@ -51,10 +53,10 @@ def test_dfsc_margin_value_and_gradients_match_numpy(target, mode, margin):
     if not (target == "autoencoder" and mode == "relative"):  # that one is active everywhere
         assert want_active < 1
     args = [jnp.asarray(v) for v in (t, a, s)]
-    loss, active = ead.dfsc_margin_loss(*args, margin, q, mode, with_active=True, target=target)
+    loss, active = losses.dfsc_margin_loss(*args, margin, q, mode, with_active=True, target=target)
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
     np.testing.assert_allclose(float(active), want_active, rtol=1e-6)
-    g = jax.grad(lambda *x: ead.dfsc_margin_loss(*x, margin, q, mode, target=target),
+    g = jax.grad(lambda *x: losses.dfsc_margin_loss(*x, margin, q, mode, target=target),
                  argnums=(0, 1, 2))(*args)
     assert float(jnp.abs(g[0]).max()) == 0  # the teacher is constant
     np.testing.assert_allclose(np.asarray(g[1]), g_a, rtol=1e-4, atol=1e-7)
@@ -62,7 +64,7 @@ def test_dfsc_margin_value_and_gradients_match_numpy(target, mode, margin):
     if target == "autoencoder":
         assert float(jnp.abs(g[1]).max()) > 0 and float(jnp.abs(g[2]).max()) == 0
         # the student's branch is not needed at all
-        np.testing.assert_allclose(float(ead.dfsc_margin_loss(args[0], args[1], None, margin, q,
+        np.testing.assert_allclose(float(losses.dfsc_margin_loss(args[0], args[1], None, margin, q,
                                                               mode, target=target)), want,
                                    rtol=1e-5)
     else:
@@ -72,10 +74,10 @@ def test_dfsc_margin_value_and_gradients_match_numpy(target, mode, margin):
 def test_dfsc_margin_default_target_is_the_student_form():
     rng = np.random.default_rng(2)
     t, a, s = (jnp.asarray(rng.normal(size=(1, 4, 4, 6)).astype(np.float32)) for _ in range(3))
-    assert float(ead.dfsc_margin_loss(t, a, s, 0.5, 0.5)) == float(
-        ead.dfsc_margin_loss(t, a, s, 0.5, 0.5, target="student"))
+    assert float(losses.dfsc_margin_loss(t, a, s, 0.5, 0.5)) == float(
+        losses.dfsc_margin_loss(t, a, s, 0.5, 0.5, target="student"))
     with pytest.raises(ValueError, match="autoencoder"):
-        ead.dfsc_margin_loss(t, a, s, 0.5, 0.5, target="teacher")
+        losses.dfsc_margin_loss(t, a, s, 0.5, 0.5, target="teacher")
 
 
 # ---------------------------------------------------------------------------
@@ -100,7 +102,7 @@ def _tiny_ead_config(**eff):
 @pytest.fixture(scope="module")
 def ead_setup():
     method = ead.EfficientAD(_tiny_ead_config())
-    v = method.init(jax.random.PRNGKey(0), (1, 64, 64, 3))
+    v = init_method(method.config, method, jax.random.PRNGKey(0), (1, 64, 64, 3))
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 64, 64, 3)) * 0.5
     args = (v["params"], v["state"], v["frozen"], x, jax.random.PRNGKey(2))
     return method, args

@@ -28,7 +28,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from kdjax import losses, xla  # noqa: E402
+from kdjax import backends, losses  # noqa: E402
+from kdjax.teacher import init_method  # noqa: E402
 from kdjax.config import load_config  # noqa: E402
 from kdjax.methods.cad import CAD  # noqa: E402
 
@@ -104,7 +105,7 @@ def main():
 
     method = CAD(c)
     t0 = time.time()
-    variables = method.init(jax.random.key(0), (args.batch, args.size, args.size, 3))
+    variables = init_method(c, method, jax.random.key(0), (args.batch, args.size, args.size, 3))
     report["init_s"] = time.time() - t0
     params, state, frozen = variables["params"], variables["state"], variables["frozen"]
     n_params = {k: sum(x.size for x in jax.tree.leaves(params[k])) for k in params}
@@ -120,7 +121,7 @@ def main():
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), state, opt, loss
 
-    jstep = xla.jit(step, donate_argnums=(0, 1, 2))
+    jstep = backends.jit(step, donate_argnums=(0, 1, 2))
     images = jax.random.normal(jax.random.key(1), (args.batch, args.size, args.size, 3))
     t0 = time.time()
     compiled = jstep.lower(params, state, opt, images, jax.random.key(2)).compile()
@@ -147,7 +148,7 @@ def main():
         print(f"train: {report['train_images_per_s']:.3f} images/s ({report['train_step_s']:.2f} "
               f"s/step, {report['train_gflops_per_s']:.1f} GFLOP/s)", flush=True)
 
-    jmaps = xla.jit(method.maps)
+    jmaps = backends.jit(method.maps)
     cm = jmaps.lower(params, state, frozen, images).compile()
     report["infer_memory"] = mem_stats(cm)
     report["infer_flops_per_batch"] = flops_of(cm)
@@ -165,7 +166,7 @@ def main():
         from kdjax.methods.rd4ad import RD4AD
 
         rd = RD4AD(c)
-        rv = rd.init(jax.random.key(0), (args.batch, args.size, args.size, 3))
+        rv = init_method(c, rd, jax.random.key(0), (args.batch, args.size, args.size, 3))
         rtx = rd.optimizer(1000)
 
         def rstep(p, s, o, x, k):
@@ -173,7 +174,7 @@ def main():
             u, o = rtx.update(g, o, p)
             return optax.apply_updates(p, u), s, o, l
 
-        rc = xla.jit(rstep).lower(spec(rv["params"]), spec(rv["state"]),
+        rc = backends.jit(rstep).lower(spec(rv["params"]), spec(rv["state"]),
                                   jax.eval_shape(rtx.init, rv["params"]), images,
                                   jax.random.key(0)).compile()
         report["rd4ad_train_flops_per_step"] = flops_of(rc)
@@ -193,7 +194,7 @@ def main():
         for name, fn in (("chunked", lambda t, s: losses.affinity_loss(t, s, **kw)),
                          ("direct", lambda t, s: losses.affinity_loss_direct(
                              t, s, kw["distance"], kw["precision"]))):
-            g = xla.jit(jax.grad(fn, argnums=1)).lower(f, f).compile()
+            g = backends.jit(jax.grad(fn, argnums=1)).lower(f, f).compile()
             aff[name] = mem_stats(g)
         report["affinity_grad_memory"] = {"tap": tap, "shape": list(f.shape), **aff}
         print(f"affinity grad at {tap} {tuple(f.shape)}: chunked temp "

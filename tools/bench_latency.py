@@ -52,6 +52,7 @@ def build_model(config):
 
     from kdjax import inference
     from kdjax.methods import get_method
+    from kdjax.teacher import init_method
 
     with config.unlocked():
         config.teacher.weights = "random"
@@ -61,7 +62,7 @@ def build_model(config):
             config.data.category = "bench"
     method = get_method(config)
     s = int(config.data.image_size)
-    v = method.init(jax.random.PRNGKey(0), (1, s, s, 3))
+    v = init_method(config, method, jax.random.PRNGKey(0), (1, s, s, 3))
     norm = ({k: (0.0, 1.0) for k in method.map_names}
             if inference.needs_normalization(method) else None)
     return inference.Model(config, method, v["params"], v["state"], v["frozen"], norm=norm,
@@ -154,7 +155,7 @@ def main():
                         "ms": ref_ms})
     print(f"{config.method} at {s}x{s}, batch 1, fp32, median of {args.reps} "
           f"({jax.default_backend()}, {os.cpu_count()} CPUs)")
-    print(f"| path | latency (ms) | reference / this |\n|---|---|---|")
+    print("| path | latency (ms) | reference / this |\n|---|---|---|")
     for r in rows:
         ratio = (f"{ref_ms / r['ms']:.2f}x" if ref_ms and r.get("ms") else "")
         ms = "n/a" if r.get("ms") is None else f"{r['ms']:.1f}"

@@ -29,6 +29,8 @@ flags.DEFINE_string("json", None, "Write the figures to this JSON file.")
 flags.DEFINE_integer("steps", 3, "Timed host calls (each runs train.steps_per_call steps).")
 flags.DEFINE_integer("infer_batches", 5, "Timed inference batches.")
 flags.DEFINE_bool("peak", True, "Also measure the device's dense matmul FLOP/s.")
+flags.DEFINE_enum("kernels", None, ["cpu", "portable"], "The models' kernels "
+                  "(kdjax.backends; default: this backend's, as training uses).")
 flags.DEFINE_string("profile_dir", None, "Also write a jax.profiler trace of one training call "
                     "and one inference batch (after the timed ones) to this directory; view "
                     "it with TensorBoard's profile plugin or xprof.")
@@ -48,15 +50,15 @@ def _flops(compiled) -> float:
 def matmul_peak(dtype, n: int = 2048, reps: int = 10, tries: int = 3) -> float:
     """Measured FLOP/s of an n x n x n matmul chain in ``dtype`` on the default
     device: the best of ``tries`` timings (a shared CPU's speed varies), compiled
-    with kdjax's compiler options (:mod:`kdjax.xla`), as the models are."""
+    with kdjax's compiler options (:func:`kdjax.backends.jit`), as the models are."""
     import jax
 
-    from kdjax import xla
+    from kdjax import backends
 
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
 
-    @xla.jit
+    @backends.jit
     def f(a, b):
         def body(i, x):
             return (x @ b) * 0.5
@@ -71,34 +73,40 @@ def matmul_peak(dtype, n: int = 2048, reps: int = 10, tries: int = 3) -> float:
     return 2 * n ** 3 * reps / best
 
 
-def run(config, steps: int, infer_batches: int, peak: bool, profile_dir=None) -> dict:
+def run(config, steps: int, infer_batches: int, peak: bool, profile_dir=None,
+        kernels=None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from kdjax import inference, train
+    from kdjax import backends, devices, inference, train
+    from kdjax import teacher as teacher_lib
+    from kdjax.data.category import CategoryData
     from kdjax.methods import get_method
 
     with config.unlocked():
         config.teacher.weights = "random"
         config.teacher.allow_random = True
-    method = get_method(config)
-    mesh = train.make_mesh()
+    method = get_method(config, backends.get(kernels) if kernels else None)
+    mesh = devices.make_mesh()
     size = int(config.data.image_size)
     batch = int(config.train.batch_size)
+    eb = int(config.eval.batch_size)
     n_img = max(batch * 2, 16)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n_img, size, size, 3), dtype=np.uint8)
-    cat = train.CategoryData("bench", "", images, images[:batch], [], [])
-    ts, frozen, tx, _ = train.init_train_state(config, method, cat, mesh)
+    cat = CategoryData("bench", "", images, images[:batch], [], [])
+    teacher = teacher_lib.load(config, method)
+    ts, frozen, tx, _ = train.init_train_state(config, method, teacher.variables, cat, mesh)
     per_call = int(config.train.steps_per_call)
     fn = train.make_train_fn(method, tx, mesh, batch, per_call)
-    data = train.put_global(images, NamedSharding(mesh, P()))
+    data = devices.put_global(images, NamedSharding(mesh, P()))
+    ts = {**ts, "state": train.prepare_state(method, frozen, ts["state"], data, eb, mesh)}
     # The engine's teacher cache (train.cache_teacher): built once per training run,
     # outside the timed steps, as in training.
     t0 = time.perf_counter()
-    cache = train.build_teacher_cache(config, method, frozen, images, mesh)
+    cache = train.build_teacher_cache(config, method, frozen, data, mesh)
     cache_s = time.perf_counter() - t0
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
@@ -120,15 +128,14 @@ def run(config, steps: int, infer_batches: int, peak: bool, profile_dir=None) ->
 
     # Inference: the jitted function of kdjax.inference.Model (maps and scores at the
     # input size, normalized and combined), which evaluation and prediction run.
-    eb = int(config.eval.batch_size)
     norm = ({k: (0.0, 1.0) for k in method.map_names}
             if inference.needs_normalization(method) else None)
     host = jax.device_get({"params": ts["params"], "state": ts["state"]})  # ts is donated
     model = inference.Model(config, method, host["params"], host["state"], frozen, norm=norm,
                             mesh=mesh)
     mfn = model.jitted()
-    x = train.put_global(images[:eb] if n_img >= eb else np.resize(images, (eb, size, size, 3)),
-                         NamedSharding(mesh, train.batch_spec(mesh, eb)))
+    x = devices.put_global(images[:eb] if n_img >= eb else np.resize(images, (eb, size, size, 3)),
+                           NamedSharding(mesh, devices.batch_spec(mesh, eb)))
     args = (model.params, model.state, model.frozen)
     mcomp = mfn.lower(*args, x).compile()
     infer_flops_batch = _flops(mcomp)
@@ -147,6 +154,7 @@ def run(config, steps: int, infer_batches: int, peak: bool, profile_dir=None) ->
     dev = jax.devices()[0]
     res = {
         "method": method.name,
+        "kernels": method.kernels.name,
         "device": f"{jax.device_count()} x {dev.device_kind} ({jax.default_backend()})",
         "batch_size": batch,
         "eval_batch_size": eb,
@@ -177,7 +185,8 @@ def run(config, steps: int, infer_batches: int, peak: bool, profile_dir=None) ->
 
 def main(argv):
     del argv
-    res = run(FLAGS.config, FLAGS.steps, FLAGS.infer_batches, FLAGS.peak, FLAGS.profile_dir)
+    res = run(FLAGS.config, FLAGS.steps, FLAGS.infer_batches, FLAGS.peak, FLAGS.profile_dir,
+              FLAGS.kernels)
     for k, v in res.items():
         if isinstance(v, float):
             v = f"{v:.4g}"

@@ -162,13 +162,14 @@ def main(argv=None):
     import jax.numpy as jnp
     import optax
 
-    from kdjax import weights, xla
+    from kdjax import backends, weights
     from kdjax.models.pdn import PDN
 
     if args.width_divisor != 1 and args.extractor_weights != "random":
         raise SystemExit("--width_divisor != 1 needs --extractor_weights random (smoke tests).")
+    kernels = backends.select()
     extractor, ext_vars = weights.load_teacher("wide_resnet101_2", args.extractor_weights,
-                                               width_divisor=args.width_divisor)
+                                               width_divisor=args.width_divisor, kernels=kernels)
     desc = weights.describe_source("wide_resnet101_2", args.extractor_weights, args.width_divisor)
     print(f"extractor: {desc}", flush=True)
     src = ImageSource(args.images, args.extractor_size, args.pdn_size, args.grayscale, args.seed)
@@ -179,7 +180,7 @@ def main(argv=None):
     c2, c3 = probe["layer2"].shape[-1], probe["layer3"].shape[-1]
     a2, a3 = projection_matrices(c2, c3)
     embed_fn = make_embed(extractor, a2, a3)  # traced inside the training step
-    embed = xla.jit(embed_fn)
+    embed = backends.jit(embed_fn)
 
     # Target channel statistics (two passes over the same images, as the reference).
     n_batches = max(1, math.ceil(args.norm_images / args.batch))
@@ -199,7 +200,7 @@ def main(argv=None):
     std = np.maximum(np.sqrt(total / n_batches), 1e-8)
     mean_j, std_j = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
-    pdn = PDN(args.size, 384, padding=True)
+    pdn = PDN(args.size, 384, padding=True, conv=kernels.pdn_conv_train)
     x0 = jnp.zeros((1, args.pdn_size, args.pdn_size, 3))
     params = pdn.init(jax.random.PRNGKey(args.seed), x0)["params"]
     out_hw = jax.eval_shape(lambda: pdn.apply({"params": params}, x0)).shape[1]
@@ -212,7 +213,7 @@ def main(argv=None):
                      optax.scale_by_learning_rate(args.lr))
     opt = tx.init(params)
 
-    @xla.jit
+    @backends.jit
     def step(params, opt, big, small):
         target = (embed_fn(ext_vars, big) - mean_j) / std_j
 

@@ -29,6 +29,7 @@ def method_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def get_method(config):
-    """Instantiate the method named by ``config.method``."""
-    return method_class(config.method)(config)
+def get_method(config, kernels=None):
+    """The method named by ``config.method``, its modules computing with ``kernels``
+    (kdjax.backends; default: this backend's)."""
+    return method_class(config.method)(config, kernels)

@@ -1,16 +1,23 @@
 """The contract between a method and the one training engine (kdjax/train.py).
 
-A method is data: it holds pure functions and no loops, no I/O, no devices.
-The engine owns the optimizer loop, sharding, device-resident data, PRNG keys,
+A method is data: it holds its Flax modules and pure functions, and no loops,
+no I/O, no devices. The engine owns the optimizer loop, sharding,
+device-resident data, PRNG keys, the teacher's weights (kdjax/teacher.py),
 checkpoints, evaluation and the report.
+
+A method is built from the config and the kernels its modules compute with
+(``Method(config, kernels)``; kdjax.backends, chosen once by the engine); it
+builds every module it needs there. Its settings are ``config.<name>``
+(:meth:`Method.default_settings`, checked by ``kdjax.config.validate``).
 
 Variables are split in three pytrees:
   params  trainable; optimized by optax and checkpointed.
   state   not optimized but part of the trained model and checkpointed:
           BatchNorm running statistics, feature-normalization statistics
           (EfficientAD's teacher mean/std), etc. ``loss`` returns its update.
-  frozen  constants that are not checkpointed: the teacher's variables, and
-          any constant arrays a loss needs (e.g. penalty images).
+  frozen  constants that are not checkpointed: the teacher's variables (loaded
+          by the engine and handed to :meth:`Method.init`), and any constant
+          arrays the engine adds for a loss (EfficientAD's penalty images).
 
 Images reach methods as float32 NHWC, ImageNet-normalized, at
 ``config.data.image_size``. Map components leave ``maps`` as (N, h, w)
@@ -21,16 +28,23 @@ requested output size in one resize (EfficientAD pads its 56x56 map first,
 as its reference does). Anything random inside
 ``loss`` (augmentation, masking) is drawn from the ``rng`` argument with
 ``jax.random``, on the device.
+
+Statistics of the training set that the state holds (EfficientAD's teacher
+channel mean and std) are computed by the engine: ``prepare_passes`` passes
+over the resident training images, each averaging a jittable per-image
+statistic (:meth:`Method.prepare_statistic`) over the set in float64 and
+handing it back (:meth:`Method.prepare_update`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from kdjax import ops
+from kdjax import backends, ops
 
 Pytree = Any
 
@@ -51,9 +65,17 @@ class Method:
     # for a single component (EfficientAD does).
     normalize_with_validation = False
 
-    def __init__(self, config):
+    # Passes of the engine over the training images before training (see
+    # prepare_statistic); 0: the state needs no statistics of the training set.
+    prepare_passes = 0
+
+    def __init__(self, config, kernels: Optional[backends.Kernels] = None):
         self.config = config
         self.settings = self.resolve_settings(config)
+        self.kernels = backends.select() if kernels is None else kernels
+        # train.compute_dtype (validated: float32 | bfloat16; inference builds its method
+        # with eval.compute_dtype there, kdjax.inference.inference_config).
+        self.dtype = jnp.dtype(str(config.train.get("compute_dtype", "float32")))
 
     # --- settings ---------------------------------------------------------
     @classmethod
@@ -110,43 +132,61 @@ class Method:
         cls.check_settings(out, config)
         return out
 
-    # --- construction -----------------------------------------------------
-    def init(self, rng: jax.Array, image_shape: Tuple[int, int, int, int]) -> Dict[str, Pytree]:
-        """Return {"params": ..., "state": ..., "frozen": ...} (see module doc).
+    # --- the teacher --------------------------------------------------------
+    # ``teacher``: the frozen teacher's Flax module (built in __init__); the
+    # engine loads its variables (kdjax/teacher.py) from ``teacher_source()``.
+    teacher: Any = None
 
-        ``image_shape`` is (N, H, W, 3) of one example batch.
-        """
+    @property
+    def teacher_arch(self) -> str:
+        """The teacher architecture whose weights the engine loads (kdjax.weights)."""
+        return str(self.config.teacher.arch)
+
+    @property
+    def teacher_width_divisor(self) -> int:
+        """The divisor of the teacher's widths (1: the published network)."""
+        return int(self.config.teacher.width_divisor)
+
+    def teacher_source(self) -> str:
+        """Where the teacher's weights come from: ``teacher.weights`` (a file, "auto"
+        or "random"); a method whose reference checkpoints hold their teacher
+        (EfficientAD's ``init_from``) names that file."""
+        return str(self.config.teacher.weights)
+
+    # --- construction -----------------------------------------------------
+    def init(self, rng: jax.Array, image_shape: Tuple[int, int, int, int],
+             teacher_variables: Pytree) -> Dict[str, Pytree]:
+        """Return {"params": ..., "state": ..., "frozen": ...} (see module doc):
+        freshly initialized trainable parameters and state, and
+        :meth:`frozen_variables` of the teacher's variables.
+
+        ``image_shape`` is (N, H, W, 3) of one example batch."""
         raise NotImplementedError
 
-    def inference_init(self, image_shape: Tuple[int, int, int, int]) -> Pytree:
-        """Build the modules ``maps`` needs and return the ``frozen`` variables
-        (the teacher, reloaded from ``config.teacher.weights``) without
-        initializing any trainable parameter: a saved model (kdjax.inference)
-        brings its own ``params`` and ``state``."""
-        raise NotImplementedError(f"{self.name} cannot be loaded for inference.")
+    def frozen_variables(self, teacher_variables: Pytree) -> Pytree:
+        """The ``frozen`` pytree ``loss`` and ``maps`` read, from the teacher's variables."""
+        return {"teacher": teacher_variables}
 
     def import_reference(self, variables: Dict[str, Pytree], path: str) -> Dict[str, Pytree]:
         """``--config.init_from=path``: variables with the trained weights of a
-        checkpoint written by the method's reference code (a ValueError where the
+        checkpoint written by the method's reference code (a ConfigError where the
         method has none)."""
         from kdjax.errors import ConfigError
 
         raise ConfigError(f"config.init_from: {self.name} has no reference checkpoint format to "
                          "import; leave init_from empty.")
 
-    def teacher_description(self) -> str:
-        """What teacher weights were used, for logs and results.json."""
-        return "none"
+    def prepare_statistic(self, frozen: Pytree, state: Pytree, images: jax.Array) -> Pytree:
+        """Per-image statistics (a pytree, batch axis first) of normalized ``images``
+        given the state so far; the engine averages them over the training set in
+        each of the ``prepare_passes`` passes (one compiled function serves all).
+        Jittable."""
+        raise NotImplementedError
 
-    def prepare(self, variables: Dict[str, Pytree],
-                train_batches: Callable[[], Iterator[jax.Array]]) -> Pytree:
-        """Hook run once before training; returns the (possibly updated) state.
-
-        ``train_batches()`` yields normalized training images in batches (a
-        fresh iterator each call), e.g. for EfficientAD's teacher channel
-        statistics. Default: state unchanged.
-        """
-        return variables["state"]
+    def prepare_update(self, index: int, state: Pytree, means: Pytree) -> Pytree:
+        """The state after pass ``index``: ``means`` is the mean over the whole
+        training set of :meth:`prepare_statistic` (host float64 arrays)."""
+        raise NotImplementedError
 
     def optimizer(self, total_steps: int) -> optax.GradientTransformation:
         """The optax optimizer: Adam at ``train.learning_rate`` with the config's betas
@@ -160,6 +200,18 @@ class Method:
         return optax.adam(learning_rate, b1=float(t.get("b1", 0.9)), b2=float(t.get("b2", 0.999)))
 
     # --- training ---------------------------------------------------------
+    def training_images(self) -> Dict[str, Dict[str, Any]]:
+        """Image sets besides the training images that ``loss`` reads from
+        ``frozen`` (EfficientAD's penalty images): {name: keyword arguments of
+        :func:`kdjax.data.penalty.load_penalty_images`}; the engine loads them and
+        adds them to ``frozen`` for training only."""
+        return {}
+
+    def notes(self) -> list:
+        """Lines for the report (results.json "notes", results.md) saying how this run
+        differs from the published protocol, e.g. a switch of the evaluation."""
+        return []
+
     def teacher_cache(self, frozen: Pytree, images: jax.Array) -> Optional[Pytree]:
         """What ``loss`` computes from the CLEAN training images with the frozen
         teacher alone (no parameter, no state, no randomness), per image: a

@@ -177,10 +177,12 @@ class CAD(RD4AD):
     def check_settings(cls, settings, config):
         check_settings(settings, config)
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, kernels=None):
+        super().__init__(config, kernels)
         self.cad = self.settings
-        self.global_branch = None
+        size = int(config.data.image_size)
+        self.global_branch = self.build_global(
+            {k: v.shape for k, v in self.teacher_shapes((1, size, size, 3)).items()})
 
     # --- parts ------------------------------------------------------------
     def build_global(self, teacher_shapes: Dict[str, tuple]):
@@ -199,7 +201,7 @@ class CAD(RD4AD):
             attention_blocks=int(c.attention_blocks), mlp_ratio=int(c.mlp_ratio),
             pos_embed=bool(c.pos_embed), pool_grid=int(c.pool_grid),
             widths=tuple(max(int(w) // div, 1) for w in c.decoder_widths),
-            blocks=int(c.decoder_blocks), dtype=self.dtype)
+            blocks=int(c.decoder_blocks), dtype=self.dtype, kernels=self.kernels)
 
     def local_forward(self, params, state, t, train: bool):
         """Local student outputs, new local state, and the OCBE output (or None)."""
@@ -243,16 +245,17 @@ class CAD(RD4AD):
             {"local": base, "global": self.adam(glr)},
             lambda params: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in params.items()})
 
-    def init(self, rng, image_shape):
+    def init(self, rng, image_shape, teacher_variables):
         from kdjax.models.cad import host_init
         from kdjax.models.torch_init import seed_of
 
+        size = int(self.config.data.image_size)
+        if tuple(image_shape[1:]) != (size, size, 3):
+            raise ValueError(f"CAD is built for data.image_size={size}: init got images of "
+                             f"shape {tuple(image_shape)}.")
         r_local, r_global = jax.random.split(rng)
-        local = super().init(r_local, image_shape)
-        dummy = jax.ShapeDtypeStruct((1,) + tuple(image_shape[1:]), self.dtype)
-        shapes = jax.eval_shape(self.teacher.apply, local["frozen"]["teacher"], dummy)
-        shapes = {k: shapes[k].shape for k in TAPS}
-        self.global_branch = self.build_global(shapes)
+        local = super().init(r_local, image_shape, teacher_variables)
+        shapes = {k: v.shape for k, v in self.teacher_shapes(image_shape).items()}
         if self.cad.gccb_input == "layer3":
             x = jax.ShapeDtypeStruct(shapes["layer3"], self.dtype)
         else:
@@ -269,13 +272,6 @@ class CAD(RD4AD):
 
         raise ConfigError("config.init_from: CAD has no public reference code, so there is no "
                          "reference checkpoint to import; leave init_from empty.")
-
-    def inference_init(self, image_shape):
-        frozen = super().inference_init(image_shape)
-        dummy = jax.ShapeDtypeStruct((1,) + tuple(image_shape[1:]), self.dtype)
-        shapes = jax.eval_shape(self.teacher.apply, frozen["teacher"], dummy)
-        self.global_branch = self.build_global({k: shapes[k].shape for k in TAPS})
-        return frozen
 
     def loss(self, params, state, frozen, images, rng, cached=None):
         c = self.cad

@@ -15,6 +15,7 @@ official code also masks at test time (random evaluation); set
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from kdjax import losses
@@ -59,8 +60,8 @@ class MRKD(RD4AD):
             raise ConfigError(f"mrkd.nsa_category={cat!r}: use an MVTec AD category "
                               f"({', '.join(nsa.CATEGORY_PARAMS)}) or '' (data.category's).")
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, kernels=None):
+        super().__init__(config, kernels)
         m = self.settings
         self.ilm, self.flm = bool(m.ilm), bool(m.flm)
         self.mask_prob = float(m.mask_prob)
@@ -81,11 +82,26 @@ class MRKD(RD4AD):
         loss = losses.flat_cosine_loss([target[k] for k in TAPS], [s[k] for k in TAPS])
         return loss, (new_state, {"loss": loss})
 
+    def notes(self):
+        if self.flm_at_test:
+            return [f"MRKD evaluated with the official code's test-time feature masking "
+                    f"(mrkd.flm_at_test=True): a random mask (p={self.mask_prob}) per batch, "
+                    f"drawn from seed {int(self.config.seed)} and the batch's pixels."]
+        return ["MRKD evaluated without test-time feature masking (deterministic; the official "
+                "code masks at test time too: mrkd.flm_at_test=True reproduces that)."]
+
+    def test_mask_key(self, images):
+        """The key of a batch's test-time masks: the eval seed (``config.seed``) folded
+        with a checksum of the batch's pixels, so each batch draws its own mask (as the
+        official code's random masking at test time) and a rerun draws the same ones."""
+        bits = jax.lax.bitcast_convert_type(images.astype(jnp.float32), jnp.uint32)
+        return jax.random.fold_in(jax.random.PRNGKey(int(self.config.seed)), jnp.sum(bits))
+
     def maps(self, params, state, frozen, images):
         t = self.teacher_features(frozen, images)
         masks = None
-        if self.flm_at_test:  # official-code behaviour: random masks at test time
-            masks = flm_masks(jax.random.PRNGKey(0), t, self.mask_prob)
+        if self.flm_at_test:  # the official protocol: random masks at test time
+            masks = flm_masks(self.test_mask_key(images), t, self.mask_prob)
         s, _ = self.student_features(params, state, t, train=False, flm_masks=masks)
         return {"map": rd_anomaly_map(t, s, images.shape[1:3],
                                       float(self.config.eval.gaussian_sigma))}

@@ -10,11 +10,9 @@ Image score: max of the map (the engine takes it).
 
 from __future__ import annotations
 
-import logging
 from typing import Dict, Optional
 
 import jax
-import jax.numpy as jnp
 
 from kdjax import losses, ops
 from kdjax.methods.base import Method
@@ -33,53 +31,28 @@ def rd_anomaly_map(teacher: Dict[str, jax.Array], student: Dict[str, jax.Array],
     return ops.gaussian_blur(total, sigma)
 
 
-def compute_dtype(config):
-    return jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
-
-
 class RD4AD(Method):
     name = "rd4ad"
     map_names = ("map",)
     generation = False  # MRKD's feature generation modules
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.dtype = compute_dtype(config)
-        self.teacher = None
-        self._teacher_desc = "not loaded"
-
-    # --- parts ------------------------------------------------------------
-    def build_teacher(self):
-        from kdjax import weights
-
-        t = self.config.teacher
-        source = str(t.weights)
-        try:
-            module, variables, desc = weights.load_teacher_described(
-                t.arch, source, width_divisor=int(t.width_divisor), dtype=self.dtype)
-        except Exception as e:  # offline without a cached port, for instance
-            if not (source == "auto" and t.get("fallback_random", False)):
-                raise
-            logging.getLogger("kdjax").warning(
-                "*** ImageNet weights for %s are not available (%s). Using a RANDOM teacher: "
-                "results will not mean much. Get the real weights with:  python "
-                "tools/port_weights.py --arch %s --src auto ***", t.arch, e, t.arch)
-            module, variables, desc = weights.load_teacher_described(
-                t.arch, "random", width_divisor=int(t.width_divisor), dtype=self.dtype)
-            source = "random"
-        self.teacher = module
-        self.teacher_source = source  # what was loaded: the model artifact records it
-        self._teacher_desc = desc
-        return variables
-
-    def build_student(self):
+    def __init__(self, config, kernels=None):
+        from kdjax.models.resnet import make_resnet
         from kdjax.models.rd import RDStudent
 
-        return RDStudent(width_divisor=int(self.config.teacher.width_divisor),
-                         generation=self.generation, dtype=self.dtype)
+        super().__init__(config, kernels)
+        t = config.teacher
+        self.teacher = make_resnet(str(t.arch), width_divisor=int(t.width_divisor),
+                                   dtype=self.dtype, kernels=self.kernels)
+        self.student = RDStudent(width_divisor=int(t.width_divisor), generation=self.generation,
+                                 dtype=self.dtype, kernels=self.kernels)
 
-    def teacher_description(self) -> str:
-        return self._teacher_desc
+    def teacher_shapes(self, image_shape) -> Dict[str, jax.ShapeDtypeStruct]:
+        """The teacher taps' shapes for one image of ``image_shape`` (no compute)."""
+        dummy = jax.ShapeDtypeStruct((1,) + tuple(image_shape[1:]), self.dtype)
+        out = jax.eval_shape(lambda x: self.teacher.init_with_output(
+            jax.random.PRNGKey(0), x)[0], dummy)
+        return {k: jax.ShapeDtypeStruct(out[k].shape, out[k].dtype) for k in TAPS}
 
     def teacher_features(self, frozen, images) -> Dict[str, jax.Array]:
         feats = self.teacher.apply(frozen["teacher"], images.astype(self.dtype))
@@ -97,21 +70,13 @@ class RD4AD(Method):
         return self.student.apply(variables, feats, train=False, **kwargs), state
 
     # --- Method contract --------------------------------------------------
-    def init(self, rng, image_shape):
-        teacher_vars = self.build_teacher()
-        self.student = self.build_student()
+    def init(self, rng, image_shape, teacher_variables):
         # Shapes only (no compute); the student is initialised on the host with the
         # reference code's scheme (kaiming_normal fan_out convs, torch defaults else).
-        dummy = jax.ShapeDtypeStruct((1,) + tuple(image_shape[1:]), self.dtype)
-        shapes = jax.eval_shape(self.teacher.apply, teacher_vars, dummy)
-        feats = {k: jax.ShapeDtypeStruct(shapes[k].shape, shapes[k].dtype) for k in TAPS}
-        svars = torch_style_init(self.student, seed_of(rng), feats, train=False)
+        svars = torch_style_init(self.student, seed_of(rng), self.teacher_shapes(image_shape),
+                                 train=False)
         return {"params": svars["params"], "state": {"batch_stats": svars["batch_stats"]},
-                "frozen": {"teacher": teacher_vars}}
-
-    def inference_init(self, image_shape):
-        self.student = self.build_student()
-        return {"teacher": self.build_teacher()}
+                "frozen": self.frozen_variables(teacher_variables)}
 
     def import_reference(self, variables, path):
         """A checkpoint of the reference RD4AD / MRKD code ({"bn", "decoder"} state dicts)."""

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.backends import PORTABLE, Kernels
 from kdjax.models.resnet import batch_norm, conv
 from kdjax.models import torch_init
 from kdjax.models.rd import deconv2x2
@@ -91,13 +92,14 @@ class GCCB(nn.Module):
     pos_embed: bool = True
     pool_grid: int = 8
     dtype: Dtype = jnp.float32
+    kernels: Kernels = PORTABLE
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.mixing not in MIXINGS:
             raise ValueError(f"cad.mixing={self.mixing!r}: use one of {', '.join(MIXINGS)}.")
         x = jnp.asarray(x, self.dtype)
-        y = conv(self.d, 1, dtype=self.dtype, name="condense")(x)
+        y = conv(self.d, 1, dtype=self.dtype, name="condense", kernels=self.kernels)(x)
         y = nn.relu(batch_norm(train, self.dtype, "condense_bn")(y))
         y = avg_pool_to_grid(y, int(self.pool_grid))
         n, h, w, d = y.shape
@@ -118,7 +120,7 @@ class GCCB(nn.Module):
         elif self.mixing == "pool":
             ctx = jnp.mean(y.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(y.dtype)
             y = jnp.concatenate([y, jnp.broadcast_to(ctx, y.shape)], axis=-1)
-            y = conv(d, 1, dtype=self.dtype, name="fuse")(y)
+            y = conv(d, 1, dtype=self.dtype, name="fuse", kernels=self.kernels)(y)
             y = nn.relu(batch_norm(train, self.dtype, "fuse_bn")(y))
         return y
 
@@ -135,6 +137,7 @@ class GlobalStudent(nn.Module):
     widths: Sequence[int] = (256, 128, 64)
     blocks: int = 2
     dtype: Dtype = jnp.float32
+    kernels: Kernels = PORTABLE
 
     @nn.compact
     def __call__(self, z, train: bool = False):
@@ -165,11 +168,12 @@ class GlobalStudent(nn.Module):
             if x.shape[1:3] != (th, tw):
                 x = jax.image.resize(x, (x.shape[0], th, tw, x.shape[3]), "bilinear")
             for b in range(int(self.blocks)):
-                x = conv(width, 3, dtype=self.dtype, name=f"{tap}_conv{b}")(x)
+                x = conv(width, 3, dtype=self.dtype, name=f"{tap}_conv{b}",
+                         kernels=self.kernels)(x)
                 x = nn.relu(batch_norm(train, self.dtype, f"{tap}_bn{b}")(x))
             if tap in want:
                 out[tap] = conv(int(want[tap][2]), 1, dtype=self.dtype, name=f"{tap}_head",
-                                use_bias=True)(x)
+                                use_bias=True, kernels=self.kernels)(x)
         return out
 
 
@@ -187,13 +191,14 @@ class GlobalBranch(nn.Module):
     widths: Sequence[int] = (256, 128, 64)
     blocks: int = 2
     dtype: Dtype = jnp.float32
+    kernels: Kernels = PORTABLE
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         z = GCCB(self.d, self.mixing, self.heads, self.attention_blocks, self.mlp_ratio,
-                 self.pos_embed, self.pool_grid, self.dtype, name="gccb")(x, train)
+                 self.pos_embed, self.pool_grid, self.dtype, self.kernels, name="gccb")(x, train)
         return GlobalStudent(self.targets, tuple(self.widths), self.blocks, self.dtype,
-                             name="student")(z, train)
+                             self.kernels, name="student")(z, train)
 
 
 def host_init(module: nn.Module, seed: int, *args, **kwargs) -> Dict[str, Any]:

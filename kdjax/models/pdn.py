@@ -24,14 +24,14 @@ version with Dropout).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdjax import backends, ops
-from kdjax.models import fastconv
+from kdjax import ops
+from kdjax.backends import PORTABLE
 
 # Sequential indices of the convolutions in the reference nn.Sequential.
 PDN_CONV_INDICES = {"S": (0, 3, 6, 8), "M": (0, 3, 6, 8, 10, 12)}
@@ -76,42 +76,13 @@ def upsample_bilinear(x, size: Tuple[int, int]):
     return jnp.einsum("oh,nhwc,pw->nopc", mh, x, mw)
 
 
-CONV_IMPLS = ("auto", "xla", "im2col")
-
-
-def _resolve_impl(impl: str) -> str:
-    if impl == "auto":
-        return "im2col" if backends.cpu_kernels() else "xla"
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"conv_impl={impl!r}: use one of {', '.join(CONV_IMPLS)}.")
-    return impl
-
-
-def _lax_conv(x, w, stride: int, padding: int):
-    p = padding
-    return jax.lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def im2col(x, kernel: int, stride: int):
-    """NHWC (already padded) -> (N, OH, OW, kernel*kernel*C) patches ordered
-    (kernel row, kernel column, channel), i.e. an HWIO kernel's row order."""
-    if kernel == 1 and stride == 1:
-        return x
-    return fastconv.patches(x, (kernel, kernel), (stride, stride), ((0, 0), (0, 0)))
-
-
 class Conv2d(nn.Module):
     """``nn.Conv2d(in, features, kernel, stride, padding)`` with torch semantics, NHWC.
 
     Parameters are Flax's ``kernel`` (HWIO) and ``bias``, float32, initialised
-    like torch; compute in ``dtype``. ``impl``: "xla" (lax.conv) or "im2col"
-    (patches @ kernel, one matmul): the same function, but on XLA:CPU the
-    weight gradient of lax.conv is very slow (up to 300x its forward for the
-    autoencoder's padded 4x4 convolutions), while im2col's backward is
-    matmuls (and, for stride 1, XLA's forward convolution for the input
-    gradient: :func:`fastconv.im2col_conv`). "auto" picks im2col on the CPU
-    and xla elsewhere.
+    like torch; compute in ``dtype``. ``conv(x, w, stride, padding)`` computes
+    the convolution (default ``lax.conv_general_dilated``; kdjax.backends'
+    ``pdn_conv`` / ``pdn_conv_train``).
     """
 
     features: int
@@ -119,7 +90,7 @@ class Conv2d(nn.Module):
     stride: int = 1
     padding: int = 0
     dtype: Any = jnp.float32
-    impl: str = "auto"
+    conv: Callable = PORTABLE.pdn_conv
 
     @nn.compact
     def __call__(self, x, out_slice: Optional[Tuple[int, int]] = None):
@@ -131,26 +102,14 @@ class Conv2d(nn.Module):
         b = self.param("bias", _torch_bias_init(fan_in), (self.features,), jnp.float32)
         if out_slice is not None:
             w, b = w[..., out_slice[0]:out_slice[1]], b[out_slice[0]:out_slice[1]]
-        features = w.shape[-1]
-        x = x.astype(self.dtype)
-        w = w.astype(self.dtype)
-        impl = _resolve_impl(self.impl)
-        if impl == "xla":
-            y = _lax_conv(x, w, self.stride, p)
-        else:
-            if self.stride == 1 and k > 1 and p < k:
-                y = fastconv.im2col_conv(x, w, ((p, p), (p, p)))
-            else:
-                if p:
-                    x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-                y = jnp.dot(im2col(x, k, self.stride), w.reshape(k * k * cin, features))
+        y = self.conv(x.astype(self.dtype), w.astype(self.dtype), self.stride, p)
         return y + b.astype(self.dtype)
 
 
 def _conv(name_index: int, features: int, kernel: int, dtype, stride: int = 1,
-          padding: int = 0, impl: str = "auto"):
+          padding: int = 0, conv: Callable = PORTABLE.pdn_conv):
     """The torch-semantics convolution named ``conv{name_index}``."""
-    return Conv2d(features, kernel, stride, padding, dtype, impl, name=f"conv{name_index}")
+    return Conv2d(features, kernel, stride, padding, dtype, conv, name=f"conv{name_index}")
 
 
 class PDN(nn.Module):
@@ -160,7 +119,7 @@ class PDN(nn.Module):
     gives a 56x56x``out_channels`` output; the receptive field is 33x33 pixels
     for both sizes. ``width_divisor`` divides the hidden widths (128/256 for
     S, 256/512 for M); it is 1 for the published networks and exists only for
-    fast tests.
+    fast tests. ``conv``: how the convolutions are computed (see Conv2d).
     """
 
     size: str = "S"
@@ -168,7 +127,7 @@ class PDN(nn.Module):
     padding: bool = False
     dtype: Any = jnp.float32
     width_divisor: int = 1
-    conv_impl: str = "auto"
+    conv: Callable = PORTABLE.pdn_conv
 
     @nn.compact
     def __call__(self, x, groups: Optional[Sequence[Tuple[int, int, int]]] = None):
@@ -185,26 +144,26 @@ class PDN(nn.Module):
             raise ValueError(f"PDN size {self.size!r}: use 'S' (EfficientAD-S) or 'M' (EfficientAD-M).")
         p = 1 if self.padding else 0
         d = int(self.width_divisor)
-        impl = self.conv_impl
+        conv = self.conv
         x = x.astype(self.dtype)
         if self.size == "S":
             c1, c2 = 128 // d, 256 // d
-            x = nn.relu(_conv(0, c1, 4, self.dtype, padding=3 * p, impl=impl)(x))
+            x = nn.relu(_conv(0, c1, 4, self.dtype, padding=3 * p, conv=conv)(x))
             x = avg_pool_torch(x, p)
-            x = nn.relu(_conv(3, c2, 4, self.dtype, padding=3 * p, impl=impl)(x))
+            x = nn.relu(_conv(3, c2, 4, self.dtype, padding=3 * p, conv=conv)(x))
             x = avg_pool_torch(x, p)
-            x = nn.relu(_conv(6, c2, 3, self.dtype, padding=p, impl=impl)(x))
-            head = _conv(8, self.out_channels, 4, self.dtype, impl=impl)
+            x = nn.relu(_conv(6, c2, 3, self.dtype, padding=p, conv=conv)(x))
+            head = _conv(8, self.out_channels, 4, self.dtype, conv=conv)
         else:
             c1, c2 = 256 // d, 512 // d
-            x = nn.relu(_conv(0, c1, 4, self.dtype, padding=3 * p, impl=impl)(x))
+            x = nn.relu(_conv(0, c1, 4, self.dtype, padding=3 * p, conv=conv)(x))
             x = avg_pool_torch(x, p)
-            x = nn.relu(_conv(3, c2, 4, self.dtype, padding=3 * p, impl=impl)(x))
+            x = nn.relu(_conv(3, c2, 4, self.dtype, padding=3 * p, conv=conv)(x))
             x = avg_pool_torch(x, p)
-            x = nn.relu(_conv(6, c2, 1, self.dtype, impl=impl)(x))
-            x = nn.relu(_conv(8, c2, 3, self.dtype, padding=p, impl=impl)(x))
-            x = nn.relu(_conv(10, self.out_channels, 4, self.dtype, impl=impl)(x))
-            head = _conv(12, self.out_channels, 1, self.dtype, impl=impl)
+            x = nn.relu(_conv(6, c2, 1, self.dtype, conv=conv)(x))
+            x = nn.relu(_conv(8, c2, 3, self.dtype, padding=p, conv=conv)(x))
+            x = nn.relu(_conv(10, self.out_channels, 4, self.dtype, conv=conv)(x))
+            head = _conv(12, self.out_channels, 1, self.dtype, conv=conv)
         if groups is None:
             return head(x)
         if sum(g[0] for g in groups) != x.shape[0]:
@@ -249,7 +208,7 @@ class Autoencoder(nn.Module):
     width_divisor: int = 1
     dropout_rate: float = 0.2
     decoder_sizes: Sequence[int] = AE_DECODER_SIZES
-    conv_impl: str = "auto"
+    conv: Callable = PORTABLE.pdn_conv  # how the convolutions are computed (see Conv2d)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -259,17 +218,17 @@ class Autoencoder(nn.Module):
         idx = iter(AE_CONV_INDICES)
         for ch in (c32, c32, c64, c64, c64):
             x = nn.relu(_conv(next(idx), ch, 4, self.dtype, stride=2, padding=1,
-                              impl=self.conv_impl)(x))
+                              conv=self.conv)(x))
         code_kernel = x.shape[1]
         if x.shape[1] != x.shape[2] or code_kernel < 1:
             raise ValueError(f"Autoencoder needs square inputs that are multiples of 32; got {x.shape}.")
-        x = _conv(next(idx), c64, code_kernel, self.dtype, impl=self.conv_impl)(x)
+        x = _conv(next(idx), c64, code_kernel, self.dtype, conv=self.conv)(x)
         for s in self.decoder_sizes:
             x = upsample_bilinear(x, (s, s))
-            x = nn.relu(_conv(next(idx), c64, 4, self.dtype, padding=2, impl=self.conv_impl)(x))
+            x = nn.relu(_conv(next(idx), c64, 4, self.dtype, padding=2, conv=self.conv)(x))
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = upsample_bilinear(x, (self.output_size, self.output_size))
-        x = nn.relu(_conv(next(idx), c64, 3, self.dtype, padding=1, impl=self.conv_impl)(x))
+        x = nn.relu(_conv(next(idx), c64, 3, self.dtype, padding=1, conv=self.conv)(x))
         x = _conv(next(idx), self.out_channels, 3, self.dtype, padding=1,
-                  impl=self.conv_impl)(x)
+                  conv=self.conv)(x)
         return x

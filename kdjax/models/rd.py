@@ -24,7 +24,8 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kdjax.models.resnet import Bottleneck, batch_norm, block_output, conv
+from kdjax.backends import PORTABLE, Kernels
+from kdjax.models.resnet import Bottleneck, batch_norm, conv
 
 Dtype = Any
 
@@ -68,22 +69,23 @@ class OCBE(nn.Module):
     width_divisor: int = 1
     dtype: Dtype = jnp.float32
     blocks: int = 3
+    kernels: Kernels = PORTABLE
 
     @nn.compact
     def __call__(self, feats: Mapping[str, Any], train: bool = False):
-        d = self.width_divisor
+        d, k, dt = self.width_divisor, self.kernels, self.dtype
         c = 256 // d  # 64 * expansion
-        l1 = jnp.asarray(feats["layer1"], self.dtype)
-        l2 = jnp.asarray(feats["layer2"], self.dtype)
-        l3 = jnp.asarray(feats["layer3"], self.dtype)
-        a = nn.relu(batch_norm(train, self.dtype, "bn1")(conv(2 * c, 3, 2, 1, self.dtype, "conv1")(l1)))
-        a = nn.relu(batch_norm(train, self.dtype, "bn2")(conv(4 * c, 3, 2, 1, self.dtype, "conv2")(a)))
-        b = nn.relu(batch_norm(train, self.dtype, "bn3")(conv(4 * c, 3, 2, 1, self.dtype, "conv3")(l2)))
+        l1 = jnp.asarray(feats["layer1"], dt)
+        l2 = jnp.asarray(feats["layer2"], dt)
+        l3 = jnp.asarray(feats["layer3"], dt)
+        a = nn.relu(batch_norm(train, dt, "bn1")(conv(2 * c, 3, 2, 1, dt, "conv1", kernels=k)(l1)))
+        a = nn.relu(batch_norm(train, dt, "bn2")(conv(4 * c, 3, 2, 1, dt, "conv2", kernels=k)(a)))
+        b = nn.relu(batch_norm(train, dt, "bn3")(conv(4 * c, 3, 2, 1, dt, "conv3", kernels=k)(l2)))
         x = jnp.concatenate([a, b, l3], axis=-1)
         planes, width = 512 // d, 1024 // d
         for i in range(self.blocks):
             x = Bottleneck(planes, width, stride=2 if i == 0 else 1, downsample=i == 0,
-                           dtype=self.dtype, name=f"bn_layer_{i}")(x, train)
+                           dtype=dt, kernels=k, name=f"bn_layer_{i}")(x, train)
         return x
 
 
@@ -100,23 +102,25 @@ class DeBottleneck(nn.Module):
     stride: int = 1
     upsample: bool = False
     dtype: Dtype = jnp.float32
+    kernels: Kernels = PORTABLE
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        k = self.kernels
         identity = x
-        y = conv(self.width, 1, dtype=self.dtype, name="conv1")(x)
+        y = conv(self.width, 1, dtype=self.dtype, name="conv1", kernels=k)(x)
         y = nn.relu(batch_norm(train, self.dtype, "bn1")(y))
         if self.stride == 2:
             y = deconv2x2(self.width, self.dtype, "conv2")(y)
         else:
-            y = conv(self.width, 3, 1, dtype=self.dtype, name="conv2")(y)
+            y = conv(self.width, 3, 1, dtype=self.dtype, name="conv2", kernels=k)(y)
         y = nn.relu(batch_norm(train, self.dtype, "bn2")(y))
-        y = conv(self.planes * 4, 1, dtype=self.dtype, name="conv3")(y)
+        y = conv(self.planes * 4, 1, dtype=self.dtype, name="conv3", kernels=k)(y)
         y = batch_norm(train, self.dtype, "bn3")(y)
         if self.upsample:
             identity = deconv2x2(self.planes * 4, self.dtype, "upsample_0")(x)
             identity = batch_norm(train, self.dtype, "upsample_1")(identity)
-        return block_output(nn.relu(y + identity))
+        return k.block_output(nn.relu(y + identity))
 
 
 class Generation(nn.Module):
@@ -128,12 +132,14 @@ class Generation(nn.Module):
 
     channels: int
     dtype: Dtype = jnp.float32
+    kernels: Kernels = PORTABLE
 
     @nn.compact
     def __call__(self, x):
-        x = conv(self.channels, 3, 1, 1, self.dtype, "conv_0", use_bias=True)(x)
+        k = self.kernels
+        x = conv(self.channels, 3, 1, 1, self.dtype, "conv_0", use_bias=True, kernels=k)(x)
         x = nn.relu(x)
-        return conv(self.channels, 3, 1, 1, self.dtype, "conv_2", use_bias=True)(x)
+        return conv(self.channels, 3, 1, 1, self.dtype, "conv_2", use_bias=True, kernels=k)(x)
 
 
 class Decoder(nn.Module):
@@ -150,6 +156,7 @@ class Decoder(nn.Module):
     generation: bool = False
     stage_sizes: tuple = (3, 4, 6)
     dtype: Dtype = jnp.float32
+    kernels: Kernels = PORTABLE
 
     @nn.compact
     def __call__(self, x, train: bool = False, flm_masks: Optional[Mapping[str, Any]] = None):
@@ -158,9 +165,9 @@ class Decoder(nn.Module):
         for s, (planes, blocks) in enumerate(zip((256, 128, 64), self.stage_sizes)):
             p, width = planes // d, 2 * planes // d
             for b in range(blocks):
-                x = DeBottleneck(p, width, stride=2 if b == 0 else 1,
-                                 upsample=b == 0,
-                                 dtype=self.dtype, name=f"layer{s + 1}_{b}")(x, train)
+                x = DeBottleneck(p, width, stride=2 if b == 0 else 1, upsample=b == 0,
+                                 dtype=self.dtype, kernels=self.kernels,
+                                 name=f"layer{s + 1}_{b}")(x, train)
             outs.append(x)
         # decoder stage s+1 is matched to teacher tap layer(3 - s)
         result = {"layer3": outs[0], "layer2": outs[1], "layer1": outs[2]}
@@ -170,7 +177,8 @@ class Decoder(nn.Module):
                 y = result[tap]
                 if flm_masks is not None and flm_masks.get(tap) is not None:
                     y = y * jnp.asarray(flm_masks[tap], y.dtype)
-                result[tap] = Generation(y.shape[-1], self.dtype, name=f"generation{k}")(y)
+                result[tap] = Generation(y.shape[-1], self.dtype, self.kernels,
+                                         name=f"generation{k}")(y)
         return result
 
 
@@ -189,6 +197,7 @@ class RDStudent(nn.Module):
     dtype: Dtype = jnp.float32
     ocbe_blocks: int = 3  # reference: 3; fewer only for fast tests (no checkpoint import then)
     decoder_stages: tuple = (3, 4, 6)  # reference: (3, 4, 6); likewise
+    kernels: Kernels = PORTABLE  # how convolutions and residual outputs are computed
 
     @nn.compact
     def __call__(self, teacher_feats: Mapping[str, Any], train: bool = False,
@@ -196,9 +205,10 @@ class RDStudent(nn.Module):
         if flm_masks is not None and not self.generation:
             raise ValueError("flm_masks were given but this RDStudent has generation=False; "
                              "build it with generation=True (MRKD) to use feature-level masking")
-        z = OCBE(self.width_divisor, self.dtype, self.ocbe_blocks, name="bn")(teacher_feats, train)
-        return Decoder(self.width_divisor, self.generation, tuple(self.decoder_stages), dtype=self.dtype,
-                       name="decoder")(z, train, flm_masks)
+        z = OCBE(self.width_divisor, self.dtype, self.ocbe_blocks, self.kernels,
+                 name="bn")(teacher_feats, train)
+        return Decoder(self.width_divisor, self.generation, tuple(self.decoder_stages),
+                       dtype=self.dtype, kernels=self.kernels, name="decoder")(z, train, flm_masks)
 
 
 __all__ = ["OCBE", "DeBottleneck", "Generation", "Decoder", "RDStudent", "deconv2x2"]

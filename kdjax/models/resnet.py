@@ -18,6 +18,10 @@ so the weight mapping is mechanical.
 The default module returns only the taps the methods use
 ({"layer1","layer2","layer3"}, NHWC); layer4 and the classifier are built
 only with ``with_head=True`` (golden tests).
+
+The modules are plain Flax; ``kernels`` (:mod:`kdjax.backends`, default the
+portable ``nn.Conv`` and residual adds) says how convolutions and residual
+outputs are computed, e.g. with kdjax's CPU kernels.
 """
 
 from __future__ import annotations
@@ -25,11 +29,9 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from kdjax import backends
-from kdjax.models import fastconv
+from kdjax.backends import PORTABLE, Kernels
 
 Dtype = Any
 
@@ -38,16 +40,14 @@ BN_MOMENTUM = 0.9  # Flax convention; torch momentum 0.1
 
 
 def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None,
-         dtype: Dtype = jnp.float32, name: str | None = None, use_bias: bool = False) -> nn.Conv:
-    """A torch-style Conv2d: explicit symmetric padding (default kernel // 2), no bias.
-
-    Its kernel gradient is computed by :mod:`kdjax.models.fastconv` (matmuls
-    instead of XLA:CPU's slow kernel-gradient convolution); values are the same."""
+         dtype: Dtype = jnp.float32, name: str | None = None, use_bias: bool = False,
+         kernels: Kernels = PORTABLE) -> nn.Conv:
+    """A torch-style Conv2d: explicit symmetric padding (default kernel // 2), no bias;
+    computed by ``kernels.conv``."""
     p = kernel // 2 if padding is None else padding
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((p, p), (p, p)), use_bias=use_bias, dtype=dtype,
-                   param_dtype=jnp.float32, name=name,
-                   conv_general_dilated=fastconv.conv_general_dilated)
+                   param_dtype=jnp.float32, name=name, conv_general_dilated=kernels.conv)
 
 
 def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.BatchNorm:
@@ -63,20 +63,23 @@ class BasicBlock(nn.Module):
     stride: int = 1
     downsample: bool = False
     dtype: Dtype = jnp.float32
+    kernels: Kernels = PORTABLE
 
     expansion = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        k = self.kernels
         identity = x
-        y = conv(self.planes, 3, self.stride, dtype=self.dtype, name="conv1")(x)
+        y = conv(self.planes, 3, self.stride, dtype=self.dtype, name="conv1", kernels=k)(x)
         y = nn.relu(batch_norm(train, self.dtype, "bn1")(y))
-        y = conv(self.planes, 3, 1, dtype=self.dtype, name="conv2")(y)
+        y = conv(self.planes, 3, 1, dtype=self.dtype, name="conv2", kernels=k)(y)
         y = batch_norm(train, self.dtype, "bn2")(y)
         if self.downsample:
-            identity = conv(self.planes, 1, self.stride, dtype=self.dtype, name="downsample_0")(x)
+            identity = conv(self.planes, 1, self.stride, dtype=self.dtype, name="downsample_0",
+                            kernels=k)(x)
             identity = batch_norm(train, self.dtype, "downsample_1")(identity)
-        return block_output(nn.relu(y + identity))
+        return k.block_output(nn.relu(y + identity))
 
 
 class Bottleneck(nn.Module):
@@ -93,41 +96,25 @@ class Bottleneck(nn.Module):
     stride: int = 1
     downsample: bool = False
     dtype: Dtype = jnp.float32
+    kernels: Kernels = PORTABLE
 
     expansion = 4
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        k = self.kernels
         identity = x
-        y = conv(self.width, 1, dtype=self.dtype, name="conv1")(x)
+        y = conv(self.width, 1, dtype=self.dtype, name="conv1", kernels=k)(x)
         y = nn.relu(batch_norm(train, self.dtype, "bn1")(y))
-        y = conv(self.width, 3, self.stride, dtype=self.dtype, name="conv2")(y)
+        y = conv(self.width, 3, self.stride, dtype=self.dtype, name="conv2", kernels=k)(y)
         y = nn.relu(batch_norm(train, self.dtype, "bn2")(y))
-        y = conv(self.planes * 4, 1, dtype=self.dtype, name="conv3")(y)
+        y = conv(self.planes * 4, 1, dtype=self.dtype, name="conv3", kernels=k)(y)
         y = batch_norm(train, self.dtype, "bn3")(y)
         if self.downsample:
-            identity = conv(self.planes * 4, 1, self.stride, dtype=self.dtype, name="downsample_0")(x)
+            identity = conv(self.planes * 4, 1, self.stride, dtype=self.dtype,
+                            name="downsample_0", kernels=k)(x)
             identity = batch_norm(train, self.dtype, "downsample_1")(identity)
-        return block_output(nn.relu(y + identity))
-
-
-def block_output(x):
-    """A residual block's output, computed once (CPU backend).
-
-    XLA:CPU fuses cheap elementwise producers into every consumer, so each
-    block's ``relu(bn(y) + identity)`` is otherwise recomputed inside the next
-    blocks' fusions along the whole residual chain: in the compiled RD4AD
-    inference, 26 residual adds were computed 160 times, ~18% of its time. The
-    value is therefore returned through a ``lax.cond``, whose result XLA must
-    materialize (it does not fuse across control flow), on a predicate that is
-    always true but hidden behind an optimization barrier so that XLA cannot
-    fold the conditional away. The other branch is never taken; it only has to
-    differ from the first (XLA merges a conditional with identical branches).
-    Other backends (and :func:`kdjax.backends.use` "portable") get ``x`` unchanged."""
-    if not backends.cpu_kernels():
-        return x
-    always = jax.lax.optimization_barrier(jnp.ones((), bool))
-    return jax.lax.cond(always, lambda v: v, jnp.zeros_like, x)
+        return k.block_output(nn.relu(y + identity))
 
 
 def max_pool_torch(x, window: int = 3, stride: int = 2, padding: int = 1):
@@ -148,6 +135,7 @@ class ResNet(nn.Module):
         small random-weight nets in tests and demos.
       with_head: also compute layer4 and the ImageNet logits.
       dtype: compute dtype (params stay float32).
+      kernels: how convolutions and residual outputs are computed (kdjax.backends).
     """
 
     block: str = "bottleneck"
@@ -157,6 +145,7 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     with_head: bool = False
     dtype: Dtype = jnp.float32
+    kernels: Kernels = PORTABLE
 
     def _stage(self, x, index: int, planes: int, blocks: int, stride: int, inplanes: int, train: bool):
         d = self.width_divisor
@@ -166,7 +155,8 @@ class ResNet(nn.Module):
             for b in range(blocks):
                 s = stride if b == 0 else 1
                 ds = b == 0 and (s != 1 or inplanes != out)
-                x = BasicBlock(p, s, ds, self.dtype, name=f"layer{index}_{b}")(x, train)
+                x = BasicBlock(p, s, ds, self.dtype, self.kernels,
+                               name=f"layer{index}_{b}")(x, train)
                 inplanes = out
         else:
             width = int(planes * (self.width_per_group / 64.0)) // d
@@ -174,7 +164,8 @@ class ResNet(nn.Module):
             for b in range(blocks):
                 s = stride if b == 0 else 1
                 ds = b == 0 and (s != 1 or inplanes != out)
-                x = Bottleneck(p, width, s, ds, self.dtype, name=f"layer{index}_{b}")(x, train)
+                x = Bottleneck(p, width, s, ds, self.dtype, self.kernels,
+                               name=f"layer{index}_{b}")(x, train)
                 inplanes = out
         return x, out
 
@@ -185,7 +176,7 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet.block must be 'basic' or 'bottleneck', got {self.block!r}")
         d = self.width_divisor
         x = jnp.asarray(x, self.dtype)
-        x = conv(64 // d, 7, 2, 3, dtype=self.dtype, name="conv1")(x)
+        x = conv(64 // d, 7, 2, 3, dtype=self.dtype, name="conv1", kernels=self.kernels)(x)
         x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
         x = max_pool_torch(x)
         feats = {}

@@ -34,7 +34,8 @@ from kdjax.weights.errors import (CheckpointFormatError, UnsafeCheckpointError, 
 from kdjax.weights.torch_pickle import load_torch_checkpoint  # noqa: F401
 from kdjax.weights.mappings import (  # noqa: F401
     EFFICIENTAD_FILES, EFFICIENTAD_IMAGE_SIZE, PDN_FILES, TORCHVISION_FILES, _is_pdn,
-    _pdn_module_path, _teacher_template, _template, efficientad_modules, expected_torch_keys,
+    _pdn_module_path, _teacher_template, _template, efficientad_modules,
+    efficientad_reference_file, expected_torch_keys,
     load_reference_efficientad, load_reference_rd_checkpoint, make_teacher_module,
     random_variables, rd_student_template, state_dict_to_variables, teacher_variables_from_state_dict,
     torch_module_path)
@@ -42,7 +43,7 @@ from kdjax.weights.cache import (  # noqa: F401
     CONNECT_TIMEOUT_S, DEFAULT_BASE_URL, PDN_URL, _auto_source, _expected_sha_prefix,
     _offline_message, _ported_name, _resolve_auto, _torch_hub_dir, cache_dir, check_provenance,
     describe_source, download, download_base_url, load_ported, load_teacher, load_teacher_described,
-    port_torchvision, save_ported, sha256_file, teacher_provenance)
+    port_torchvision, save_ported, sha256_file, teacher_provenance, teacher_variables)
 
 __all__ = [
     "UnsafeCheckpointError", "CheckpointFormatError", "WeightMismatchError", "WeightsUnavailableError",
@@ -51,5 +52,5 @@ __all__ = [
     "teacher_variables_from_state_dict", "port_torchvision", "save_ported", "load_ported",
     "load_reference_rd_checkpoint", "rd_student_template", "cache_dir", "download",
     "TORCHVISION_FILES", "teacher_provenance", "check_provenance", "load_reference_efficientad",
-    "efficientad_modules",
+    "efficientad_modules", "efficientad_reference_file", "teacher_variables",
 ]

@@ -252,20 +252,20 @@ def _resolve_auto(arch: str, progress: bool = True) -> Tuple[Dict[str, Any], str
 
 
 
-def load_teacher_described(arch: str, source: str, width_divisor: int = 1, dtype=None,
-                           progress: bool = True, **module_kw):
-    """Like :func:`load_teacher` but returns (module, variables, description)."""
-    module = make_teacher_module(arch, width_divisor, dtype, **module_kw)
+def teacher_variables(arch: str, source: str, module, width_divisor: int = 1,
+                      progress: bool = True) -> Tuple[Dict[str, Any], str]:
+    """(variables, description) of the teacher ``module`` (of architecture ``arch``,
+    widths divided by ``width_divisor``) from ``source``: a torchvision / PDN .pth, a
+    ported .npz, "auto" (cached port, else download) or "random" (fixed seed 0)."""
     source = os.fspath(source)
     if source == "random":
         variables = random_variables(_teacher_template(arch, module), seed=0)
-        return module, variables, describe_source(arch, source, width_divisor)
+        return variables, describe_source(arch, source, width_divisor)
     if source == "auto":
         if width_divisor != 1:
             raise ValueError(f"width_divisor={width_divisor}: the pretrained {arch} weights are full "
                              "width; use width_divisor=1 or teacher.weights='random'")
-        variables, desc = _resolve_auto(arch, progress)
-        return module, variables, desc
+        return _resolve_auto(arch, progress)
     if not os.path.isfile(source):
         raise FileNotFoundError(
             f"teacher weights file {source!r} does not exist; give a torchvision .pth, a ported .npz "
@@ -274,14 +274,22 @@ def load_teacher_described(arch: str, source: str, width_divisor: int = 1, dtype
         variables, meta = load_ported(source, _teacher_template(arch, module), what=source)
         if meta.get("arch") not in (None, arch):
             raise WeightMismatchError(f"{source} was ported for {meta['arch']!r}, not {arch!r}")
-        return module, variables, f"{arch} weights {meta.get('source', '')} (ported file {source})"
+        return variables, f"{arch} weights {meta.get('source', '')} (ported file {source})"
     if _is_pdn(arch):
         state = load_torch_checkpoint(source)
         variables = teacher_variables_from_state_dict(arch, state, module, what=f"{source} ({arch})")
-        return module, variables, f"{arch} weights from {source}"
+        return variables, f"{arch} weights from {source}"
     variables, meta = port_torchvision(arch, source, width_divisor=width_divisor, module=module)
-    return module, variables, f"{arch} weights from {source}" + (
+    return variables, f"{arch} weights from {source}" + (
         f" (sha256 {meta['sha256'][:12]}...)" if "sha256" in meta else "")
+
+
+def load_teacher_described(arch: str, source: str, width_divisor: int = 1, dtype=None,
+                           progress: bool = True, **module_kw):
+    """Like :func:`load_teacher` but returns (module, variables, description)."""
+    module = make_teacher_module(arch, width_divisor, dtype, **module_kw)
+    variables, desc = teacher_variables(arch, source, module, width_divisor, progress)
+    return module, variables, desc
 
 
 def load_teacher(arch: str, source: str, width_divisor: int = 1, dtype=None, **module_kw):

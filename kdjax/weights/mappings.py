@@ -310,6 +310,19 @@ def efficientad_modules(model_size: str = "S", out_channels: int = 384, channels
             "ae": Autoencoder(c, pdn_output_size(image_size, size), width_divisor=d, **module_kw)}
 
 
+def efficientad_reference_file(path, role: str) -> str:
+    """The file of the reference EfficientAD ``role`` ("teacher", "student" or "ae") in
+    the directory ``path`` (``teacher.pth`` or ``teacher_final.pth`` etc.); a
+    ValueError naming the expected file when there is none."""
+    path = os.fspath(path)
+    names = EFFICIENTAD_FILES[role]
+    for n in names:
+        if os.path.isfile(os.path.join(path, n)):
+            return os.path.join(path, n)
+    raise ValueError(f"{os.path.join(path, names[0])} is missing: the reference EfficientAD "
+                     f"{role} (torch.save(model.state_dict())) is expected there")
+
+
 def load_reference_efficientad(path, model_size: str = "S", out_channels: int = 384,
                                channels_divisor: int = 1) -> Dict[str, Any]:
     """Imports the teacher, student and autoencoder trained by the reference EfficientAD code.
@@ -344,12 +357,11 @@ def load_reference_efficientad(path, model_size: str = "S", out_channels: int = 
               "student": f"{ref}({2 * c}) with hidden widths / {channels_divisor}",
               "ae": f"get_autoencoder({c}) with widths / {channels_divisor}"}
     out = {}
-    for role, names in EFFICIENTAD_FILES.items():
-        found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
-        if not found:
-            raise ValueError(f"{os.path.join(path, names[0])} is missing: the reference EfficientAD "
-                             f"{role} (state dict of {expect[role]}) is expected there")
-        file = found[0]
+    for role in EFFICIENTAD_FILES:
+        try:
+            file = efficientad_reference_file(path, role)
+        except ValueError as e:
+            raise ValueError(f"{e} (state dict of {expect[role]})") from None
         side = EFFICIENTAD_IMAGE_SIZE if role == "ae" else 64
         template = _template(modules[role], jnp.zeros((1, side, side, 3), jnp.float32))
         variables = state_dict_to_variables(

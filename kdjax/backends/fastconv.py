@@ -1,16 +1,14 @@
-"""A drop-in ``lax.conv_general_dilated`` whose kernel gradient is a few matmuls.
+"""A drop-in ``lax.conv_general_dilated`` whose gradients are matmuls (the CPU kernels'
+convolution, :mod:`kdjax.backends.cpu`).
 
 XLA:CPU computes a convolution's kernel gradient (the "f01b_i01o->01bf"
-convolution autodiff emits) at 1-2 GFLOP/s, even for 1x1 kernels, and far
-slower for strided ones, while its forward and input-gradient convolutions
-and its matmuls run near the machine's peak. Measured on RD4AD's student at
-64 px, batch 8 (2-core CPU): the kernel gradients took ~80% of a 10 s step;
-one 3x3 stride-2 kernel gradient alone took 1.4 s for 0.6 GFLOP.
+convolution autodiff emits) far below the machine's matmul rate, even for 1x1
+kernels, and slower still for strided ones, while its forward and
+input-gradient convolutions and its matmuls run near peak (docs/BENCHMARKS.md,
+"CPU kernels").
 
-:func:`conv_general_dilated` computes the same convolution on the CPU backend as:
-- 1x1 without padding: a (strided) slice and one matmul, gradients by autodiff
-  (XLA:CPU's 1x1 convolution is up to 2x slower than the matmul, measured on
-  RD4AD's 64x64 maps);
+:func:`conv_general_dilated` computes the same convolution as:
+- 1x1 without padding: a (strided) slice and one matmul, gradients by autodiff;
 - strided, or stride 1 with at most ``IM2COL_MAX_PIXELS`` output pixels, and at
   least ``IM2COL_MIN_CHANNELS`` input channels: one im2col matmul forward;
 - otherwise ``lax.conv_general_dilated`` forward;
@@ -26,11 +24,10 @@ and, for the last two, these gradients:
 :func:`im2col_conv` is the PDN's stride-1 im2col convolution (large maps, where
 the im2col forward beats XLA's convolution): kernel gradient from the saved
 patches, input gradient as the flipped-kernel forward convolution.
-:func:`conv_general_dilated` is used for NHWC / HWIO convolutions without
-dilation or groups on the CPU backend; everything else goes to
-``lax.conv_general_dilated`` unchanged (GPU and TPU convolution gradients are
-fast). Flax's ``nn.Conv`` takes it as ``conv_general_dilated=``, so parameters
-and their names do not change.
+NHWC / HWIO convolutions without dilation or groups take these paths;
+everything else goes to ``lax.conv_general_dilated`` unchanged. Flax's
+``nn.Conv`` takes the function as ``conv_general_dilated=``, so parameters and
+their names do not change.
 """
 
 from __future__ import annotations
@@ -41,8 +38,6 @@ from typing import Sequence, Tuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from kdjax import backends
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -267,8 +262,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
                          feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None):
     """``lax.conv_general_dilated`` (same signature); see the module docstring."""
-    fast = (backends.cpu_kernels()
-            and _is_nhwc_hwio(dimension_numbers)
+    fast = (_is_nhwc_hwio(dimension_numbers)
             and not isinstance(padding, str)
             and all(d == 1 for d in (lhs_dilation or (1, 1)))
             and all(d == 1 for d in (rhs_dilation or (1, 1)))
