@@ -191,6 +191,7 @@ def _training_signature(config) -> str:
     d.pop("eval", None)
     d.pop("variants", None)
     d.pop("targets", None)
+    d.pop("targets_by", None)
     d.get("train", {}).pop("restart", None)
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -243,6 +244,8 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> Di
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2))
+        for note in run_notes(config):
+            log.warning("Note: %s", note)
         variants = _variant_configs(config)
         runs = variants or {"default": config}
         collected: Dict[str, Dict[str, Dict[str, float]]] = {}
@@ -265,6 +268,27 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> Di
         return _write_report(config, workdir, method, collected, first)
 
 
+def penalty_note(config) -> Optional[str]:
+    """EfficientAD without the ImageNet penalty (``efficientad.penalty_dir`` empty): what
+    that means for a comparison with the paper, and how to give the penalty. None
+    otherwise."""
+    if config.method != "efficientad" or str(config.get("init_from", "") or ""):
+        return None  # (an imported reference model: how it was trained is not known here)
+    section = config.get("efficientad", None)
+    if section is not None and str(section.get("penalty_dir", "") or ""):
+        return None
+    return ("Trained WITHOUT EfficientAD's ImageNet penalty (efficientad.penalty_dir is "
+            "empty). The paper's numbers, and the reference reproduction's, assume it: give "
+            "--config.efficientad.penalty_dir=<folder of ImageNet train images> to compare "
+            "with them.")
+
+
+def run_notes(config) -> list:
+    """Notes on how this run differs from the protocol of the paper numbers it is shown
+    beside (results.json "notes", results.md, the log)."""
+    return [n for n in (penalty_note(config),) if n]
+
+
 def _write_report(config, workdir, method, collected, first):
     from kdjax import evaluate
 
@@ -275,9 +299,12 @@ def _write_report(config, workdir, method, collected, first):
         extra["warning"] = ("The teacher has RANDOM weights: these numbers do not measure the "
                             "method. Get the ImageNet weights with: python tools/port_weights.py "
                             "--arch " + str(config.teacher.arch) + " --src auto")
-    targets = config.targets.to_dict() if config.targets else None
-    if config.get("targets_source", ""):
-        extra["targets_source"] = config.targets_source
+    notes = run_notes(config)
+    if notes:
+        extra["notes"] = notes
+    targets, source = config_lib.paper_targets(config)
+    if source:
+        extra["targets_source"] = source
     variants = {k: v for k, v in collected.items()} if len(collected) > 1 else None
     results = {}
     if jax.process_index() == 0:
