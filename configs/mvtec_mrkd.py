@@ -7,6 +7,12 @@ RD4AD plus image-level masking (NSA patch swap with the per-category settings
 of the published training) and feature-level masking (p=0.2) with generation
 modules. Training-only masking; --config.mrkd.flm_at_test=True reproduces
 the official code's (random) test-time masking.
+
+Every category of the paper's table in one resumable run, ours beside the paper's
+numbers per category (``targets``) with the difference (docs/REPRODUCING.md):
+
+    python tools/reproduce.py --config=configs/mvtec_mrkd.py \
+        --config.data.root=/path/to/mvtec_anomaly_detection
 """
 
 import ml_collections

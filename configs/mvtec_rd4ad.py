@@ -6,6 +6,12 @@
 WRN50-2 teacher (ImageNet, ported from torchvision), OCBE + mirrored decoder,
 flattened cosine loss, Adam lr 0.005 betas (0.5, 0.999), batch 16, 200 epochs,
 seed 111, 256x256, maps evaluated at 256x256 (the papers' resolution).
+
+Every category of the paper's table in one resumable run, ours beside the paper's
+numbers per category (``targets``) with the difference (docs/REPRODUCING.md):
+
+    python tools/reproduce.py --config=configs/mvtec_rd4ad.py \
+        --config.data.root=/path/to/mvtec_anomaly_detection
 """
 
 from kdjax.config import base_config

@@ -5,7 +5,9 @@ This module is host side only (numpy) and holds no model code: the engine
 
 * ``category_metrics``: the metric bundle of docs/METRICS.md for one category.
 * ``write_results``: results.json (docs/INTERFACE.md schema, NaN -> null) and
-  results.md (percent tables, the paper's numbers beside ours).
+  results.md (percent tables, the paper's numbers beside ours with the difference).
+* ``paper_comparison`` / ``paper_comparison_markdown``: ours, the paper's and the
+  difference per category and for the mean (tools/reproduce.py, docs/REPRODUCING.md).
 * ``save_figures``: ROC curve(s) and an image / ground truth / map grid.
 * ``export_tiff``: maps in the layout the official MVTec evaluators read.
 * ``resize_maps`` / ``to_original_resolution``: bilinear resizing of maps.
@@ -270,8 +272,9 @@ def _markdown(results: Dict[str, Any], targets: Optional[Mapping]) -> str:
                         cell += "†"
                         published = _target(targets, "mean", m)
                         footnotes.append(
-                            f"- † {m}: the paper's mean over the {len(cats_m)} categories "
-                            f"of our mean (it lists {n_paper})"
+                            f"- † {m}: the paper's mean over the {len(cats_m)} "
+                            f"categor{'y' if len(cats_m) == 1 else 'ies'} of our mean (it "
+                            f"lists {n_paper})"
                             + (f"; its published mean is {_fmt_target(published)}."
                                if published is not None else "."))
                     row.append(cell)
@@ -350,8 +353,10 @@ def paper_comparison_markdown(comp: Mapping[str, Any]) -> List[str]:
             paper = pct(x["paper"])
             if c == "mean" and x.get("paper_mean_of"):
                 paper += "†"
-                notes.append(f"- † {m}: the paper's mean over the same {x['paper_mean_of']} "
-                             "categories as ours (not its published mean over all).")
+                n = x["paper_mean_of"]
+                notes.append(f"- † {m}: the paper's mean over the same {n} "
+                             f"categor{'y' if n == 1 else 'ies'} as ours (not its published "
+                             "mean over all).")
             ours = pct(x["ours"])
             if not ours and c != "mean":
                 ours = "n/a" if c in comp.get("finished", ()) else "not run"
@@ -417,8 +422,9 @@ def write_results(workdir: str, method: str, dataset: str, teacher: str,
     float}}, "mean": {metric: float}} (docs/INTERFACE.md), plus the ``extra`` keys and,
     when given, "variants": {name: {"categories": ..., "mean": ...}}. Means are
     over categories, ignoring NaN. NaN / inf are written as null. ``targets``:
-    {category or "mean": {metric: published value in percent}}, shown beside
-    ours in results.md.
+    {category or "mean": {metric: published value in percent}} (the table that
+    kdjax.config.paper_targets chose), shown beside ours in results.md with the
+    difference; an ``extra`` "notes" list is printed above the tables.
     """
     results: Dict[str, Any] = {"method": str(method), "dataset": str(dataset),
                                "teacher": str(teacher)}

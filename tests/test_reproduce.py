@@ -175,6 +175,32 @@ def test_reproduce_runs_every_category_and_resumes(tmp_path, make_mvtec_ad):
     assert open(os.path.join(wd, "reproduce.md")).read() == md
 
 
+@pytest.mark.parametrize("name", ["mvtec_mrkd", "mvtec_efficientad"])
+def test_reproduce_on_the_other_paper_configs(name, mini_mvtec_ad_root, ad_roots,
+                                              tmp_path):
+    """The other configs with per-category numbers, one tiny category each (the
+    settings of tests/test_model.py, whose compiled programs the XLA cache holds)."""
+    from test_model import tiny_args
+
+    args, c = tiny_args(name, ad_roots)
+    wd = str(tmp_path / "run")
+    p = reproduce(f"--config=configs/{name}.py", f"--workdir={wd}", *args)
+    rep = json.load(open(os.path.join(wd, "reproduce.json")))
+    assert rep["finished"] == ["bottle"]
+    targets = config_lib.paper_targets(c)[0]
+    for m, paper in targets["bottle"].items():
+        cell = rep["comparison"]["categories"]["bottle"][m]
+        assert cell["paper"] == paper and cell["ours"] is not None, m
+    notes = " ".join(rep["notes"])
+    assert ("efficientad.penalty_dir" in notes) == (c.method == "efficientad")
+    assert ("efficientad.penalty_dir" in p.stdout) == (c.method == "efficientad")
+
+
+@pytest.fixture
+def ad_roots(mini_mvtec_ad_root):
+    return {"mvtec_ad": mini_mvtec_ad_root}
+
+
 @pytest.mark.parametrize("args,message", [
     (["--config=configs/demo.py"], "names no paper numbers"),
     (["--config=configs/loco_efficientad.py"], "only the paper's mean"),

@@ -198,7 +198,8 @@ def finished(config, category, sub) -> bool:
 
 def run_category(config_args, category, sub) -> None:
     """One category through kdjax's normal run path, as a user would run it."""
-    cmd = [sys.executable, "-m", "kdjax.main", *config_args,
+    given = [a for a in config_args if not re.match(r"^-{1,2}config\.data\.category=", a)]
+    cmd = [sys.executable, "-m", "kdjax.main", *given,
            f"--config.data.category={category}", f"--workdir={sub}"]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [env.get("PYTHONPATH")] if p])
@@ -259,7 +260,8 @@ def write_report(workdir, config, config_args, targets, source, planned) -> str:
     out = {"method": config.method, "dataset": config.data.dataset,
            "config_args": list(config_args), "targets_source": source,
            "categories": planned, "finished": [c for c in planned if c in ours],
-           "warnings": warnings, "notes": notes, "workdirs": {c: os.path.join(workdir, c) for c in planned},
+           "warnings": warnings, "notes": notes,
+           "workdirs": {c: os.path.join(workdir, c) for c in planned},
            "comparison": comp}
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "reproduce.md"), "w") as f:
