@@ -186,6 +186,7 @@ def _training_signature(config) -> str:
     d.pop("eval", None)
     d.pop("variants", None)
     d.pop("targets", None)
+    d.pop("targets_by", None)
     d.get("train", {}).pop("restart", None)
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -206,6 +207,9 @@ def run_config(config, workdir: str, mode: str, ckpt_root: str,
         with cat_config.unlocked():
             cat_config.data.category = cat_name
         method = get_method(cat_config, kernels)  # per category: e.g. MRKD's NSA settings
+        if cat_name == cats[0]:
+            for note in method.notes():
+                log.warning("Note: %s", note)
         cat = load_category(cat_config, root, cat_name, inference.needs_normalization(method),
                             method.name)
         teacher = teacher_lib.load(cat_config, method)
@@ -273,12 +277,16 @@ def _write_report(config, workdir, method, collected, first):
     if notes:
         extra["notes"] = notes
     if "random" in str(first["teacher_source"]):
+        arch = method.teacher_arch
+        get = (f"python tools/port_weights.py --arch {arch} --src auto" if not arch.startswith(
+            "pdn") else f"the reference's {arch.replace('pdn_', 'teacher_')}.pth "
+            f"(nelson1425/EfficientAD, models/), then python tools/port_weights.py --arch {arch} "
+            f"--src {arch.replace('pdn_', 'teacher_')}.pth")
         extra["warning"] = ("The teacher has RANDOM weights: these numbers do not measure the "
-                            "method. Get the ImageNet weights with: python tools/port_weights.py "
-                            "--arch " + str(config.teacher.arch) + " --src auto")
-    targets = config.targets.to_dict() if config.targets else None
-    if config.get("targets_source", ""):
-        extra["targets_source"] = config.targets_source
+                            f"method. Get the pretrained weights: {get}")
+    targets, source = config_lib.paper_targets(config)
+    if source:
+        extra["targets_source"] = source
     variants = {k: v for k, v in collected.items()} if len(collected) > 1 else None
     results = {}
     if jax.process_index() == 0:

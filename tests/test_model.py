@@ -91,7 +91,14 @@ def test_trained_model_predicts_and_exports_through_the_cli(name, roots, tmp_pat
     t = results["thresholds"][cat]
     assert t["value"] == pytest.approx(desc["threshold"]["value"])
     assert set(t["test"]) >= {"precision", "recall", "tp", "fp"}
-    assert "Decision threshold" in open(os.path.join(wd, "results.md")).read()
+    md = open(os.path.join(wd, "results.md")).read()
+    assert "Decision threshold" in md
+    # EfficientAD without a penalty folder says, in the log, results.json and results.md,
+    # that the paper's numbers assume the ImageNet penalty, and how to give it.
+    fix = "--config.efficientad.penalty_dir=<folder of ImageNet train images>"
+    said = [fix in (results.get("notes") or [""])[0], fix in md,
+            fix in open(os.path.join(wd, "log.txt")).read()]
+    assert said == [c.method == "efficientad"] * 3, said
 
     # Predictor: without the config file, the dataset or an optimizer.
     test_dir = os.path.join(c_root(roots, c), cat, "test")

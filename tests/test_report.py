@@ -92,6 +92,65 @@ def test_write_results_schema_nan_and_targets(tmp_path):
         E.write_results(str(tmp_path), "m", "d", "t", cats, extra={"mean": 1})
 
 
+def test_results_md_difference_per_category_and_mean(tmp_path):
+    """Ours | paper | Δ (ours - paper in points, between the shown values) per metric,
+    category and mean; the paper's mean over the same categories when only some ran."""
+    cats = {"bottle": {"image_auroc": 0.9912, "au_pro": 0.9},
+            "cable": {"image_auroc": 0.95, "au_pro": float("nan")}}
+    targets = {"bottle": {"image_auroc": 100.0, "au_pro": 95.2},
+               "cable": {"image_auroc": 93.5, "au_pro": 88.2},
+               "grid": {"image_auroc": 99.7, "au_pro": 89.3},
+               "mean": {"image_auroc": 97.7, "au_pro": 90.9}}
+    res = E.write_results(str(tmp_path), "efficientad", "mvtec_ad", "pdn_small", cats,
+                          targets=targets, extra={"notes": ["No ImageNet penalty."]})
+    md = (tmp_path / "results.md").read_text()
+    assert "| category | image_auroc | image_auroc *paper* | image_auroc Δ | f1_max" not in md
+    assert "| category | image_auroc | image_auroc *paper* | image_auroc Δ |" in md
+    assert "| bottle | 99.1 | 100.0 | -0.9 |" in md
+    assert "| cable | 95.0 | 93.5 | +1.5 |" in md
+    # Mean over bottle and cable: ours 97.1, the paper's over the same two (96.75 -> 96.8).
+    assert "| **mean** | 97.1 | 96.8† | +0.3 |" in md
+    assert "published mean is 97.7" in md
+    # au_pro: cable undefined, so the mean is bottle's alone, beside the paper's bottle.
+    assert "| bottle | 90.0 | 95.2 | -5.2 |" in md and "| cable | n/a | 88.2 |  |" in md
+    assert "| **mean** | 90.0 | 95.2† | -5.2 |" in md
+    assert "**Note:** No ImageNet penalty." in md
+    assert json.loads((tmp_path / "results.json").read_text())["notes"] == [
+        "No ImageNet penalty."]
+    assert res["notes"] == ["No ImageNet penalty."]
+    # Every category of the paper run: its published mean row, no footnote.
+    cats["grid"] = {"image_auroc": 0.997, "au_pro": 0.893}
+    cats["cable"]["au_pro"] = 0.88
+    E.write_results(str(tmp_path), "efficientad", "mvtec_ad", "pdn_small", cats,
+                    targets=targets)
+    md = (tmp_path / "results.md").read_text()
+    assert "| **mean** | 97.9 | 97.7 | +0.2 |" in md and "†" not in md
+    assert E.fmt_difference(E.difference(0.9855, 98.5)) == "+0.1"  # 98.6 - 98.5 as shown
+    assert E.fmt_difference(E.difference(0.98449, 98.4)) == "0.0"
+    assert E.difference(float("nan"), 98.0) is None and E.fmt_difference(None) == ""
+
+
+def test_paper_comparison_table():
+    targets = {"bottle": {"image_auroc": 99.9, "au_pro": 95.2},
+               "cable": {"image_auroc": 93.5, "au_pro": 88.2},
+               "mean": {"image_auroc": 96.7, "au_pro": 91.7}}
+    comp = E.paper_comparison({"bottle": {"image_auroc": 1.0, "au_pro": 0.95}}, targets)
+    assert comp["metrics"] == ["image_auroc", "au_pro"] and comp["finished"] == ["bottle"]
+    assert comp["categories"]["bottle"]["image_auroc"] == {"ours": 100.0, "paper": 99.9,
+                                                           "difference": 0.1}
+    assert comp["categories"]["cable"]["au_pro"]["ours"] is None
+    assert comp["mean"]["au_pro"]["paper"] == pytest.approx(95.2)
+    assert comp["mean"]["au_pro"]["paper_mean_of"] == 1
+    md = "\n".join(E.paper_comparison_markdown(comp))
+    assert "| bottle | 100.0 | 99.9 | +0.1 | 95.0 | 95.2 | -0.2 |" in md
+    assert "| cable | not run | 93.5 |  | not run | 88.2 |  |" in md
+    assert "| **mean** | 100.0 | 99.9† | +0.1 |" in md
+    comp = E.paper_comparison({"bottle": {"image_auroc": 1.0, "au_pro": 0.95},
+                               "cable": {"image_auroc": 0.9, "au_pro": 0.9}}, targets)
+    assert comp["mean"]["image_auroc"] == {"ours": pytest.approx(95.0), "paper": 96.7,
+                                           "paper_mean_of": None, "difference": -1.7}
+
+
 def test_write_results_variants(tmp_path):
     a = {"c1": {"image_auroc": 0.8}, "c2": {"image_auroc": 0.6}}
     b = {"c1": {"image_auroc": 0.9}, "c2": {"image_auroc": float("nan")}}

@@ -90,10 +90,11 @@ def check_settings(out, config) -> None:
     out.model_size = size
     arch = str(config.teacher.get("arch", _ARCH_OF_SIZE[size]))
     if arch not in (_ARCH_OF_SIZE[size], "pdn"):
+        need = _ARCH_OF_SIZE[size]
         raise ConfigError(
-            f"teacher.arch={arch!r} does not match efficientad.model_size={size!r}: pass "
-            f"--config.teacher.arch={_ARCH_OF_SIZE[size]} (and that teacher's weights), or "
-            "change --config.efficientad.model_size.")
+            f"efficientad.model_size={size!r} needs teacher.arch={need!r}, not {arch!r}: add "
+            f"--config.teacher.arch={need} (and that teacher's weights), or use a config "
+            "argument that sets both (e.g. --config=configs/mvtec_efficientad.py:M).")
     if not 0.0 < float(out.hard_quantile) < 1.0:
         raise ConfigError(f"efficientad.hard_quantile={out.hard_quantile}: must be in (0, 1) "
                           "(paper: 0.999).")
@@ -219,9 +220,10 @@ class EfficientAD(Method):
     def notes(self):
         if self.settings.penalty_dir or self.config.get("init_from", ""):
             return []  # an imported model: how it was trained is not known here
-        return ["EfficientAD trained without the ImageNet penalty (efficientad.penalty_dir is "
-                "empty); the paper's numbers assume it: "
-                "--config.efficientad.penalty_dir=<a folder of ImageNet training images>."]
+        return ["Trained WITHOUT EfficientAD's ImageNet penalty (efficientad.penalty_dir is "
+                "empty). The paper's numbers, and the reference reproduction's, assume it: give "
+                "--config.efficientad.penalty_dir=<folder of ImageNet train images> to compare "
+                "with them."]
 
     # --- construction -----------------------------------------------------
     def init(self, rng, image_shape, teacher_variables):
