@@ -162,9 +162,8 @@ def check_root(config) -> None:
     spec = DATASET_SPECS[config.data.dataset]
     if spec.generated:
         return
-    if str(config.data.get("source", "files")) == "tfds" and str(
-            config.data.category).strip() != "all" and all(
-            tfds_prepared(config, c) for c in categories_of(config)):
+    tfds = str(config.data.get("source", "files")) == "tfds"
+    if tfds and all(tfds_prepared(config, c) for c in categories_of(config)):
         return
     root = config.data.root
     title = f"the {spec.title} dataset" if spec.name != "folder" else "your image folder"
@@ -175,6 +174,9 @@ def check_root(config) -> None:
         raise DataError(f"data.root {root!r} does not exist: expected {title}; "
                         f"{where_to_get(spec)}, and pass its directory with "
                         f"--config.data.root=/path/to/it.")
+    if tfds:
+        _check_manual_dir(spec, root, categories_of(config))
+        return
     if spec.layout == "visa":
         from kdjax.data import visa
 
@@ -184,3 +186,21 @@ def check_root(config) -> None:
                 f"VisA_20220922 folder holding split_csv/ and the category folders; get "
                 f"split_csv/1cls.csv from {spec.url}.")
     check_categories_present(config, root)
+
+
+def _check_manual_dir(spec: DatasetSpec, root: str, cats) -> None:
+    """data.source=tfds, not prepared yet: ``root`` is the TFDS manual directory; it must
+    hold an archive, or the categories (up to two folders down)."""
+    from kdjax.data import readers
+
+    if files.archives(root):
+        return
+    below = files.folders_below(root)
+    missing = [c for c in cats
+               if not any(readers.looks_like_category(os.path.join(d, c), spec) for d in below)]
+    if missing:
+        raise DataError(
+            f"data.source=tfds: the TFDS dataset {spec.tfds_name} is not prepared in "
+            f"data.tfds_dir, and data.root {root!r} (its manual download) holds neither an "
+            f"archive nor categor{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)}: "
+            f"{where_to_get(spec)}, into {root}.")

@@ -19,6 +19,7 @@ from kdjax.errors import DataError
 
 log = logging.getLogger("kdjax.data")
 
+ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".zip")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 # Files that operating systems and archivers leave behind: ignored without a word.
 _SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx", "icon\r", ".ds_store"}
@@ -118,3 +119,20 @@ def has_image_file(folder: str) -> bool:
             if not name.startswith(".") and is_image_name(name):
                 return True
     return False
+
+
+def archives(folder: str) -> List[str]:
+    """The archive files (``ARCHIVE_EXTENSIONS``) directly in ``folder``, sorted."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if n.lower().endswith(ARCHIVE_EXTENSIONS) and not is_hidden(n))
+
+
+def folders_below(path: str, depth: int = 2) -> List[str]:
+    """``path`` and its (non-hidden) sub-folders down to ``depth`` levels."""
+    out, level = [path], [path]
+    for _ in range(depth):
+        level = [os.path.join(p, d) for p in level for d in subdirs(p)]
+        out += level
+    return out

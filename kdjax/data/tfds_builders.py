@@ -52,18 +52,15 @@ import tensorflow_datasets as tfds  # noqa: E402
 
 from kdjax.data import masks as masks_lib  # noqa: E402
 from kdjax.data import readers  # noqa: E402
-from kdjax.data.files import DatasetError  # noqa: E402
+from kdjax.data.files import DatasetError, archives, folders_below  # noqa: E402
 from kdjax.data.images import read_image  # noqa: E402
 from kdjax.data.types import DATASET_SPECS, Record, RegionSpec  # noqa: E402
-
-ARCHIVES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".zip")
 
 _WHERE = {
     "mvtec_ad": ("the MVTec AD archive (mvtec_anomaly_detection.tar.xz, or one archive per "
                  "category)"),
     "mvtec_loco": "the MVTec LOCO AD archive (mvtec_loco_anomaly_detection.tar.xz)",
-    "visa": ("the VisA archive (VisA_20220922.tar; the download link is in the README of "
-             "https://github.com/amazon-science/spot-diff)"),
+    "visa": "the VisA archive (VisA_20220922.tar, linked from the README)",
     "mvtec_ad2": "the MVTec AD 2 archive(s)",
 }
 
@@ -200,12 +197,40 @@ def _is_root(path: str, dataset: str, category: str) -> bool:
     return readers.looks_like_category(os.path.join(path, category), spec)
 
 
-def _candidates(path: str) -> List[str]:
-    """``path`` and its sub-folders, two levels down."""
-    out = [path]
-    for d in readers.subdirs(path):
-        out.append(os.path.join(path, d))
-        out += [os.path.join(path, d, e) for e in readers.subdirs(os.path.join(path, d))]
+def extract(archive: str, into: str) -> str:
+    """Extract ``archive`` (.tar, .tar.gz, .tgz, .tar.xz: MVTec's; .zip) into a folder of
+    ``into`` named after it, once; return that folder. (TFDS's own extractor does not
+    read .tar.xz.) Members that would land outside the folder are refused."""
+    import shutil
+    import tarfile
+    import zipfile
+
+    out = os.path.join(into, os.path.basename(archive))
+    if os.path.isfile(os.path.join(out, ".kdjax_extracted")):
+        return out
+    tmp = out + ".incomplete"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        if archive.lower().endswith(".zip"):
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(tmp)
+        else:
+            with tarfile.open(archive, "r:*") as t:
+                if hasattr(tarfile, "data_filter"):
+                    t.extractall(tmp, filter="data")
+                else:  # Python < 3.10.12 / 3.11.4: check the member paths ourselves
+                    bad = [m.name for m in t.getmembers() if m.name.startswith(("/", "..")) or
+                           ".." in m.name.split("/") or m.issym() or m.islnk()]
+                    if bad:
+                        raise DatasetError(f"{archive}: refusing members {bad[:3]} (absolute "
+                                           f"paths, '..' or links).")
+                    t.extractall(tmp)
+    except (OSError, tarfile.TarError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"Cannot extract {archive}: {e}. Download it again.") from None
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    open(os.path.join(out, ".kdjax_extracted"), "w").close()
     return out
 
 
@@ -213,14 +238,12 @@ def find_root(dl_manager, dataset: str, category: str) -> str:
     """The dataset root in the manual directory: the directory itself or a folder up to two
     levels down that holds ``category``; else the archives there, extracted."""
     manual = str(dl_manager.manual_dir)
-    for cand in _candidates(manual):
+    for cand in folders_below(manual):
         if _is_root(cand, dataset, category):
             return cand
-    archives = sorted(os.path.join(manual, n) for n in os.listdir(manual)
-                      if n.lower().endswith(ARCHIVES))
-    for a in archives:
-        out = str(dl_manager.extract(a))
-        for cand in _candidates(out):
+    for a in archives(manual):
+        out = extract(a, os.path.join(str(dl_manager.download_dir), "kdjax_extracted"))
+        for cand in folders_below(out):
             if _is_root(cand, dataset, category):
                 return cand
     raise DatasetError(
