@@ -363,3 +363,46 @@ def test_the_engine_reads_through_tfds_as_through_files(tmp_path, mini_mvtec_ad_
     c = load_config("mvtec_rd4ad", {**tiny, "data.root": mini_mvtec_ad_root})
     want = train_and_evaluate(c, str(tmp_path / "files_run"))["categories"]["bottle"]
     assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_btad_through_the_cli_with_center_crop_at_original_resolution(tmp_path):
+    """README: a BTAD category with an RD4AD config; the maps of non-square images at their
+    original size (eval.resolution=original) invert data.resize=center_crop, in the
+    metrics and in --mode=predict --maps."""
+    import glob
+    import json
+    import subprocess
+    import sys
+
+    import tifffile
+
+    root = make_btad(tmp_path / "BTAD", "01", size=(36, 52))
+    wd = str(tmp_path / "w")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    tiny = ["--config.teacher.weights=random", "--config.teacher.allow_random=True",
+            "--config.train.steps=2", "--config.train.batch_size=2",
+            "--config.train.steps_per_call=2", "--config.eval.batch_size=4",
+            "--config.eval.num_figures=0", "--config.teacher.width_divisor=16",
+            "--config.data.image_size=32"]
+    cmd = [sys.executable, "-m", "kdjax.main", "--config=configs/mvtec_rd4ad.py",
+           f"--workdir={wd}", "--config.data.dataset=btad", f"--config.data.root={root}",
+           "--config.data.category=01", "--config.data.resize=center_crop",
+           "--config.eval.resolution=original", *tiny]
+    p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.load(open(os.path.join(wd, "results.json")))
+    assert res["dataset"] == "btad" and set(res["categories"]["01"]) >= {"image_auroc",
+                                                                        "pixel_auroc"}
+    out = str(tmp_path / "pred")
+    p = subprocess.run([sys.executable, "-m", "kdjax.main", "--mode=predict", f"--workdir={wd}",
+                        f"--input={os.path.join(root, '01', 'test')}", f"--output={out}",
+                        "--maps"], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    maps = sorted(glob.glob(os.path.join(out, "maps", "*.tiff")))
+    assert len(maps) == 5
+    m = tifffile.imread(maps[0])
+    assert m.shape == (36, 52)
+    # the 8-pixel borders the crop dropped hold the map's minimum
+    assert np.all(m[:, :8] == m.min()) and np.all(m[:, 44:] == m.min())

@@ -107,6 +107,15 @@ def test_trained_model_predicts_and_exports_through_the_cli(name, roots, tmp_pat
             tifs = sorted(os.listdir(os.path.join(sub, "anomaly_images", cat, split)))
             pngs = sorted(os.listdir(os.path.join(sub, "anomaly_images_thresholded", cat, split)))
             assert len(tifs) == n and [t[:-5] for t in tifs] == [p_[:-4] for p_ in pngs]
+        import tifffile
+        from PIL import Image
+
+        m = tifffile.imread(os.path.join(sub, "anomaly_images", cat, "test_private_mixed",
+                                         tifs[0]))
+        png = np.asarray(Image.open(os.path.join(sub, "anomaly_images_thresholded", cat,
+                                                 "test_private_mixed", pngs[0])))
+        assert m.dtype == np.float16 and m.shape == (36, 52)  # the original size
+        assert png.shape == (36, 52) and set(np.unique(png)) <= {0, 255}
 
     # Predictor: without the config file, the dataset or an optimizer.
     test_dir, files = test_files(roots, c, cat)
