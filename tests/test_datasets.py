@@ -406,3 +406,27 @@ def test_btad_through_the_cli_with_center_crop_at_original_resolution(tmp_path):
     assert m.shape == (36, 52)
     # the 8-pixel borders the crop dropped hold the map's minimum
     assert np.all(m[:, :8] == m.min()) and np.all(m[:, 44:] == m.min())
+
+
+def test_a_training_recorded_before_the_data_keys_existed_resumes(tmp_path):
+    """checkpoints/<category>/training_config.json written before data.resize & co. existed:
+    the defaults resume it, another value is refused; the source is not a training key."""
+    import json
+
+    from kdjax import checkpoints
+    from kdjax.config import load_config
+    from kdjax.errors import ConfigError
+
+    c = load_config("mvtec_rd4ad")
+    old = {k: v for k, v in checkpoints.training_keys(c).items()
+           if k not in ("data.resize", "data.image_filter")}
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / checkpoints.TRAINING_CONFIG).write_text(json.dumps(old))
+    with c.unlocked():
+        c.data.source = "tfds"
+    checkpoints.check_training_config(str(d), c)
+    with c.unlocked():
+        c.data.resize = "pad"
+    with pytest.raises(ConfigError, match="data.resize: None -> 'pad'"):
+        checkpoints.check_training_config(str(d), c)
