@@ -41,8 +41,9 @@ from kdjax.data.files import (IMAGE_EXTENSIONS, DatasetError, ImageError, list_i
                               num_workers, subdirs)
 from kdjax.data.images import (corrupt, header_size, load_images, open_rgb, original_sizes,
                                read_image)
-from kdjax.data.masks import (_gt_value, _read_mask_array, has_masks, load_masks, load_regions,
+from kdjax.data.masks import (_gt_value, has_masks, load_masks, load_regions,
                               read_defects_config)
+from kdjax.data.masks import _read_mask_array  # noqa: F401 (re-exported)
 from kdjax.data.types import (DATASET_SPECS, DATASETS, MVTEC_AD2_CATEGORIES,
                               MVTEC_AD_CATEGORIES, MVTEC_LOCO_CATEGORIES, VISA_CATEGORIES,
                               DatasetSpec, Record, RegionSpec, where_to_get)
