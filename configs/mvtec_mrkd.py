@@ -6,7 +6,10 @@
 RD4AD plus image-level masking (NSA patch swap with the per-category settings
 of the published training) and feature-level masking (p=0.2) with generation
 modules. Training-only masking; --config.mrkd.flm_at_test=True reproduces
-the official code's (random) test-time masking.
+the official code's (random) test-time masking. Images are resized with Lanczos and
+masks with nearest neighbour, as MRKD's data code does (``T.Resize(256,
+Image.ANTIALIAS)``, ``T.Resize(256, Image.NEAREST)``; RD4AD's configs use bilinear for
+both).
 
 Every category of the paper's table in one resumable run, ours beside the paper's
 numbers per category (``targets``) with the difference (docs/REPRODUCING.md):
@@ -45,6 +48,8 @@ def get_config():
     c.data.dataset = "mvtec_ad"
     c.data.category = "all"
     c.data.image_size = 256
+    c.data.image_filter = "lanczos"  # MRKD's mvtec.py: T.Resize(low_res, Image.ANTIALIAS)
+    c.data.mask_resize = "nearest"  # T.Resize(low_res, Image.NEAREST)
     c.teacher.arch = "wide_resnet50_2"
     c.teacher.weights = "auto"
     c.train.batch_size = 16

@@ -78,7 +78,8 @@ _NOT_TRAINING = ("eval", "variants", "targets", "targets_by", "targets_source", 
                  "multihost", "distributed", "data.root", "data.on_corrupt", "train.log_every",
                  "train.checkpoint_every", "train.keep_checkpoints", "train.steps_per_call",
                  "train.restart", "train.cache_teacher",
-                 "train.cache_teacher_max_gb", "data.val_fraction", "teacher.allow_random")
+                 "train.cache_teacher_max_gb", "data.val_fraction", "teacher.allow_random",
+                 "data.source", "data.tfds_dir", "data.mask_resize")
 
 
 def training_keys(config) -> dict:
@@ -110,7 +111,12 @@ def check_training_config(ckpt_dir: str, config) -> None:
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
-        diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        # A key that a training recorded before it existed had its default value then.
+        from kdjax.config import base_config
+
+        default = training_keys(base_config())
+        diff = sorted(k for k in set(before) | set(now)
+                      if before.get(k, default.get(k)) != now.get(k))
         if diff:
             shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
             raise ConfigError(

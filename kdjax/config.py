@@ -24,8 +24,8 @@ import os
 
 import ml_collections
 
-from kdjax.data.types import DATASETS, MVTEC_AD_CATEGORIES, MVTEC_LOCO_CATEGORIES
-from kdjax.errors import ConfigError, ConfigFileNotFoundError, DataError
+from kdjax.data import checks as data_checks
+from kdjax.errors import ConfigError, ConfigFileNotFoundError
 
 OPTIMIZERS = ("adam",)
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -54,7 +54,8 @@ def base_config(method: str = "rd4ad") -> ml_collections.ConfigDict:
     c.init_from = ""  # a checkpoint trained with the reference PyTorch code
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset = "mvtec_ad"  # mvtec_ad | mvtec_loco | folder | synthetic
+    # mvtec_ad | mvtec_loco | visa | mvtec_ad2 | btad | mpdd | folder | synthetic
+    c.data.dataset = "mvtec_ad"
     c.data.root = ""
     c.data.category = "bottle"  # one name, a comma-separated list, or "all"
     c.data.image_size = 256
@@ -69,6 +70,15 @@ def base_config(method: str = "rd4ad") -> ml_collections.ConfigDict:
     c.data.synthetic_seed = 0
     c.data.synthetic_size = 256  # resolution of the generated synthetic images
     c.data.synthetic_counts = (200, 40, 40, 40, 40)  # train, val, test good/logical/structural
+    # A non-square image becomes the square input by: stretch (resize to S x S, the papers'
+    # code) | pad (black, centred, to a square) | center_crop (the centred square).
+    c.data.resize = "stretch"
+    c.data.image_filter = "bilinear"  # bilinear (RD4AD) | lanczos (MRKD) | bicubic | nearest
+    c.data.mask_resize = "bilinear"  # bilinear, then > 0.5 (RD4AD) | nearest (MRKD)
+    # files: read data.root | tfds: the TFDS builders (kdjax.data.tfds_builders), prepared
+    # once into data.tfds_dir (default ~/tensorflow_datasets) from the download in data.root.
+    c.data.source = "files"
+    c.data.tfds_dir = ""
 
     c.teacher = ml_collections.ConfigDict()
     c.teacher.arch = "wide_resnet50_2"
@@ -191,108 +201,11 @@ def paper_categories(targets) -> list:
 
 
 # ---------------------------------------------------------------------------
-# Categories
+# Categories (kdjax/data/checks.py)
 # ---------------------------------------------------------------------------
 
-def categories_of(config) -> list:
-    """The list of categories a config names (expands "all" and comma lists)."""
-    cat = str(config.data.category).strip()
-    ds = config.data.dataset
-    known = {"mvtec_ad": MVTEC_AD_CATEGORIES, "mvtec_loco": MVTEC_LOCO_CATEGORIES}.get(ds)
-    if ds == "synthetic" and cat in ("all", ""):
-        from kdjax.data.synthetic import CATEGORY
-
-        return [CATEGORY]
-    if cat == "all":
-        if known is None:
-            if not config.data.root or not os.path.isdir(config.data.root):
-                raise DataError(
-                    f"data.category=all needs an existing data.root for dataset {ds!r}.")
-            return sorted(d for d in os.listdir(config.data.root)
-                          if os.path.isdir(os.path.join(config.data.root, d, "train")))
-        return list(known)
-    cats = [c.strip() for c in cat.split(",") if c.strip()]
-    if not cats:
-        raise ConfigError(
-            "data.category is empty: name a category, a comma-separated list, or 'all'.")
-    if known is not None:
-        bad = [c for c in cats if c not in known]
-        if bad:
-            close = difflib.get_close_matches(bad[0], known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"Unknown {ds} category {bad[0]!r}.{hint} Known categories: {', '.join(known)} "
-                "(or 'all').")
-    return cats
-
-
-def _has_image_file(folder: str) -> bool:
-    """Whether ``folder`` (or a folder below it) holds an image file (hidden files skipped)."""
-    from kdjax.data.readers import IMAGE_EXTENSIONS
-
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                return True
-    return False
-
-
-def _layout_diagnosis(dataset: str, root: str, category: str):
-    """The readers' specific explanation of a missing category folder (the root is one
-    level too deep or shallow, or holds the other MVTec dataset), else None."""
-    from kdjax.data import readers
-
-    try:
-        readers._check_category_dir(dataset, root, category)
-    except readers.DatasetError as e:
-        msg = str(e)
-        if not msg.startswith(f"Category {category!r} not found"):
-            return msg
-    except Exception:  # the diagnosis is a courtesy; the caller's message stands
-        return None
-    return None
-
-
-def check_categories_present(config, root: str) -> list:
-    """Check that every category the config names is a folder of ``root`` with at least
-    one image under train/; return the categories. Raises DataError with one line naming
-    every missing or empty category and the root (for ``data.category=all`` or a list on a
-    partial download)."""
-    cats = categories_of(config)
-    missing = [c for c in cats if not os.path.isdir(os.path.join(root, c))]
-    empty = [c for c in cats if c not in missing
-             and not _has_image_file(os.path.join(root, c, "train"))]
-    if not missing and not empty:
-        return cats
-    if missing:
-        specific = _layout_diagnosis(config.data.dataset, root, missing[0])
-        if specific:
-            raise DataError(specific)
-    spec = str(config.data.category)
-    present = [c for c in cats if c not in missing and c not in empty]
-    parts, todo = [], []
-    if missing:
-        parts.append(
-            f"data.category={spec!r}: {len(missing)} of {len(cats)} categories "
-            f"{'is' if len(missing) == 1 else 'are'} not in data.root {root!r}: "
-            f"{', '.join(missing)}")
-        todo.append(f"download or extract {'it' if len(missing) == 1 else 'them'} into {root}")
-    if empty:
-        parts.append(
-            f"categor{'y' if len(empty) == 1 else 'ies'} {', '.join(empty)} in {root!r} "
-            f"{'has' if len(empty) == 1 else 'have'} no training images")
-        todo.append("put the training images in <root>/<category>/train/good/")
-    if present:
-        fix = (f"{' and '.join(todo)}, or train on the categories that are there: "
-               f"--config.data.category={','.join(present)}")
-    else:
-        found = sorted(d for d in os.listdir(root)
-                       if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
-        fix = (f"{' and '.join(todo)}, or check --config.data.root and "
-               f"--config.data.category (the root holds: "
-               f"{', '.join(found) if found else 'no folders'})")
-    raise DataError("; ".join(parts) + "; " + fix + ".")
+categories_of = data_checks.categories_of
+check_categories_present = data_checks.check_categories_present
 
 
 # ---------------------------------------------------------------------------
@@ -613,19 +526,7 @@ def _check_files(config) -> None:
         raise ConfigError(
             f"init_from={init_from!r}: no such file or directory (a checkpoint of the "
             "reference PyTorch code); leave init_from empty to train from scratch.")
-    ds = config.data.dataset
-    if ds != "synthetic":
-        root = config.data.root
-        if not root:
-            raise DataError(
-                f"data.root is not set. Download the {ds} dataset (see README, 'Datasets') and "
-                f"pass --config.data.root=/path/to/it.")
-        if not os.path.isdir(root):
-            raise DataError(
-                f"data.root {root!r} does not exist. Download the {ds} dataset from "
-                "https://www.mvtec.com/company/research/datasets (a person must accept the "
-                "licence) and pass its directory with --config.data.root=...")
-        check_categories_present(config, root)
+    data_checks.check_root(config)
 
 
 def validate(config) -> None:
@@ -638,16 +539,14 @@ def validate(config) -> None:
 
     _check_keys(config, METHODS)
     method = method_class(config.method)  # an unknown name: ConfigError
-    ds = config.data.dataset
-    if ds not in DATASETS:
-        raise ConfigError(f"Unknown dataset {ds!r}. Choose one of: {', '.join(DATASETS)}.")
+    spec = data_checks.check_values(config)
     size = _number(config, "data.image_size", int)
     if size < 32 or size % 32:
         raise ConfigError(f"data.image_size={size}: must be a multiple of 32 and >= 32.")
     if config.data.on_corrupt not in ("raise", "skip"):
         raise ConfigError(
             f"data.on_corrupt={config.data.on_corrupt!r}: must be 'raise' or 'skip'.")
-    if ds == "synthetic" or str(config.data.category).strip() != "all":
+    if spec.generated or str(config.data.category).strip() != "all":
         categories_of(config)  # names only; "all" of a folder dataset needs the root
     _resolve_validation_fraction(config)
     _check_teacher(config)

@@ -24,12 +24,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from kdjax import metrics as M
+from kdjax.data.types import DATASET_SPECS
 from kdjax.jsonio import json_safe
 
 log = logging.getLogger("kdjax.evaluate")
-
-AD_DATASETS = ("mvtec_ad", "folder")
-LOCO_DATASETS = ("mvtec_loco", "synthetic")
 
 
 # ---------------------------------------------------------------------------
@@ -40,12 +38,13 @@ def category_metrics(dataset: str, maps, records, masks=None, regions=None,
                      per_image_pro: bool = True) -> Dict[str, float]:
     """Metrics of one category's test set (docs/METRICS.md), as {name: float}.
 
-    dataset "mvtec_ad" / "folder": ``masks`` (N, H, W) in {0, 1} at the maps'
-    resolution -> image_auroc, f1_max, pixel_auroc, au_pro, au_pro_per_image
-    (a folder dataset without masks, masks=None, gets the image metrics only).
-    dataset "mvtec_loco" / "synthetic": ``regions`` (one list of GTRegion per
-    image) -> kdjax.metrics.loco_metrics. ``records`` (kdjax.data.types.Record)
-    give labels, anomaly kinds and the names used in error messages.
+    A dataset whose ground truth is masks (kdjax.data.types.DatasetSpec.ground_truth:
+    MVTec AD, folder, VisA, MVTec AD 2, BTAD, MPDD): ``masks`` (N, H, W) in {0, 1} at the
+    maps' resolution -> image_auroc, f1_max, pixel_auroc, au_pro, au_pro_per_image (a
+    folder dataset without masks, masks=None, gets the image metrics only). LOCO regions
+    (mvtec_loco, synthetic): ``regions`` (one list of GTRegion per image) ->
+    kdjax.metrics.loco_metrics. ``records`` (kdjax.data.types.Record) give labels, anomaly
+    kinds and the names used in error messages.
     """
     records = list(records)
     maps_l = M.as_map_list(maps, "maps")
@@ -54,7 +53,11 @@ def category_metrics(dataset: str, maps, records, masks=None, regions=None,
                          "there must be one map per test record, in the same order.")
     names = [r.image_path for r in records]
     labels = np.array([int(r.label) for r in records], dtype=int)
-    if dataset in AD_DATASETS:
+    spec = DATASET_SPECS.get(dataset)
+    if spec is None:
+        raise ValueError(f"Unknown dataset {dataset!r}; expected one of "
+                         f"{', '.join(DATASET_SPECS)}.")
+    if spec.ground_truth == "masks":
         if masks is None:
             M.check_finite(maps_l, names)
             scores = M.image_scores(maps_l)
@@ -63,14 +66,11 @@ def category_metrics(dataset: str, maps, records, masks=None, regions=None,
                     "f1_max": M.f1_max(labels, scores)}
         return M.mvtec_ad_metrics(maps_l, labels, masks, per_image_pro=per_image_pro,
                                   names=names)
-    if dataset in LOCO_DATASETS:
-        if regions is None:
-            raise ValueError(f"Dataset {dataset!r} needs the ground-truth regions "
-                             "(regions=[kdjax.data.load_regions(r, size) for r in records]).")
-        kinds = [r.anomaly_kind if r.label else None for r in records]
-        return M.loco_metrics(maps_l, labels, kinds, regions, names=names)
-    raise ValueError(f"Unknown dataset {dataset!r}; expected one of "
-                     f"{AD_DATASETS + LOCO_DATASETS}.")
+    if regions is None:
+        raise ValueError(f"Dataset {dataset!r} needs the ground-truth regions "
+                         "(regions=[kdjax.data.load_regions(r, size) for r in records]).")
+    kinds = [r.anomaly_kind if r.label else None for r in records]
+    return M.loco_metrics(maps_l, labels, kinds, regions, names=names)
 
 
 # ---------------------------------------------------------------------------

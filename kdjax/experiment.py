@@ -24,7 +24,8 @@ import numpy as np
 from kdjax import backends, inference
 from kdjax import config as config_lib
 from kdjax import teacher as teacher_lib
-from kdjax.data.category import WITH_VALIDATION_SPLIT, CategoryData, dataset_root, load_category
+from kdjax.data.category import CategoryData, dataset_root, load_category
+from kdjax.data.types import dataset_spec
 from kdjax.devices import make_mesh
 from kdjax.methods import get_method
 from kdjax.train import train_category
@@ -75,7 +76,7 @@ def build_model(config, method, teacher: teacher_lib.Teacher, ts, frozen, cat: C
             val_labels = np.array([int(r.label) for r in cat.val_records])
         else:
             train_scores = model.predict(cat.train)[1]
-    where = ("validation split" if config.data.dataset in WITH_VALIDATION_SPLIT
+    where = ("validation split" if dataset_spec(config.data.dataset).has_validation_split
              else "held-out training images, data.validation_fraction")
     model.threshold = inference.choose_threshold(config, val_scores, val_labels, train_scores,
                                                  val_source=where)
@@ -103,26 +104,30 @@ def evaluate_category(config, model: inference.Model, cat: CategoryData, workdir
 
     ds = config.data.dataset
     size = int(config.data.image_size)
-    records = data.list_records(ds, cat.root, cat.category, "test")
-    images, records = data.load_images(records, size, on_corrupt=config.data.on_corrupt)
+    source = data.open_source(config, cat.root)
+    records = source.records(cat.category, "test")
+    images, records = source.images(records, size, config.data.on_corrupt)
     t0 = time.time()
     comps = model.components(images)
     log.info("[%s] inference on %d test images: %.1f img/s", cat.category, len(images),
              len(images) / max(time.time() - t0, 1e-9))
     original = config.eval.resolution == "original"
-    sizes = data.original_sizes(records) if original else None
-    if ds in WITH_VALIDATION_SPLIT:
-        regions = [data.load_regions(r, None if original else size) for r in records]
+    sizes = source.original_sizes(records) if original else None
+    if source.spec.ground_truth == "loco_regions":
+        regions = [source.regions(r, None if original else size) for r in records]
         masks = None
     else:
         # A folder dataset may come without masks: then image-level metrics only.
-        masks = data.load_masks(records, None if original else size) if data.has_masks(
+        masks = source.masks(records, None if original else size) if source.has_masks(
             records) else None
         regions = None
     labels = np.array([r.label for r in records])
     results, report = {}, None
     for vname, weights in weight_variants.items():
-        eval_maps, scores = model.finish_components(comps, sizes, weights)
+        if original:
+            eval_maps, scores = source.maps_to_original(model, comps, sizes, weights)
+        else:
+            eval_maps, scores = model.finish_components(comps, None, weights)
         results[vname] = evaluate.category_metrics(
             ds, eval_maps, records, masks=masks, regions=regions,
             per_image_pro=bool(config.eval.pro_per_image))
@@ -133,7 +138,7 @@ def evaluate_category(config, model: inference.Model, cat: CategoryData, workdir
             report["test"] = inference.confusion_at(labels, scores, model.threshold_value)
         if jax.process_index() == 0:
             maps = model.finish_components(comps, None, weights)[0] if original else eval_maps
-            fig_masks = data.load_masks(records, size) if data.has_masks(records) else None
+            fig_masks = source.masks(records, size) if source.has_masks(records) else None
             evaluate.save_figures(
                 os.path.join(workdir, "figures"), cat.category, images, maps, labels, scores,
                 masks=fig_masks, names=[os.path.relpath(r.image_path, cat.root) for r in records],
@@ -143,6 +148,10 @@ def evaluate_category(config, model: inference.Model, cat: CategoryData, workdir
             if config.eval.export_tiff:
                 evaluate.export_tiff(os.path.join(workdir, "anomaly_maps"), cat.category,
                                      records, eval_maps)
+    if source.spec.unlabelled_splits:
+        from kdjax import submission
+
+        submission.export_unlabelled(config, model, source, cat.category, workdir)
     return results, report
 
 

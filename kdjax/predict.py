@@ -60,7 +60,9 @@ class Predictor:
         from kdjax.data.types import Record
 
         recs = [Record(str(p), self.category, "test", "unknown", 0) for p in paths]
-        images, kept = data.load_images(recs, self.model.size, on_corrupt=on_corrupt)
+        prep = data.Preprocess.from_config(self.config)  # data.resize, data.image_filter
+        images, kept = data.load_images(recs, self.model.size, on_corrupt=on_corrupt,
+                                        **prep.image_kw)
         kept_paths = [r.image_path for r in kept]
         skipped = [str(p) for p in paths if str(p) not in set(kept_paths)]
         sizes = data.original_sizes(kept) if kept else []
@@ -86,7 +88,19 @@ class Predictor:
         arr, _, _, sizes = self.load(paths)
         if resolution not in ("input", "original"):
             raise ValueError(f"resolution={resolution!r}: use 'input' or 'original'.")
-        return self.model.predict(arr, sizes if resolution == "original" else None)
+        if resolution == "original":
+            return self.original_maps(arr, sizes)
+        return self.model.predict(arr)
+
+    def original_maps(self, images: np.ndarray, sizes) -> Tuple[Union[np.ndarray, list],
+                                                                 np.ndarray]:
+        """(maps at each image's original (H, W), scores) of uint8 input images: the
+        inverse of the config's ``data.resize`` (kdjax.data.images.restore_map)."""
+        from kdjax import data
+
+        resize = data.Preprocess.from_config(self.config).resize
+        maps, scores = self.model.predict(images, [data.request_size(s, resize) for s in sizes])
+        return data.restore_maps(maps, sizes, resize), scores
 
     def is_anomalous(self, scores) -> np.ndarray:
         return self.model.is_anomalous(scores)
@@ -153,7 +167,7 @@ def predict_cli(workdir: str, input_spec: str, output: Optional[str] = None,
             bar.update(len(part))
             continue
         maps_in, scores = p.model.predict(images)
-        maps_out = (p.model.predict(images, sizes)[0] if write_maps and resolution == "original"
+        maps_out = (p.original_maps(images, sizes)[0] if write_maps and resolution == "original"
                     else maps_in)
         decisions = (scores > threshold) if threshold is not None else [False] * len(scores)
         for j, path in enumerate(kept):

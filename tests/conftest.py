@@ -10,6 +10,15 @@ Builders (plain functions, also handed out by the fixtures of the same name):
   and GT folders holding 1 or 2 region PNGs.
 * ``make_folder(root, category="widgets", ...) -> root``: the MVTec AD layout, masks
   optional (``masks=False`` writes none).
+* ``make_visa(root, category="candle", n_train=6, n_good=2, n_anomaly=3, size=(36, 52))
+  -> root``: VisA as distributed: JPEG images under <cat>/Data/Images/{Normal,Anomaly},
+  class-id masks (values 1 and 2) under <cat>/Data/Masks/Anomaly, rows appended to
+  split_csv/1cls.csv, and <cat>/image_anno.csv (labels "bent" / "melt, scratch").
+* ``make_mvtec_ad2(root, category="can", ..., size=(36, 52)) -> root``: MVTec AD 2
+  (train, validation, test_public with ground_truth/bad/<stem>_mask.png, test_private,
+  test_private_mixed; names 000_regular.png / 000_mixed.png).
+* ``make_btad(root, category="01", ..., ext=".bmp") -> root``: BTAD (ok/ko folders,
+  ground_truth/ko/<stem>.png).
 
 Session fixtures (built once per test session, read-only for tests):
 
@@ -18,6 +27,8 @@ Session fixtures (built once per test session, read-only for tests):
 * ``mini_mvtec_ad_root``: str root holding "bottle" (RGB, 40x48) and "grid"
   (grayscale, 32x32), each with 6 train, 2 good and 2+1 defective test images.
 * ``mini_loco_root``: str root holding "breakfast_box" (see make_loco).
+* ``mini_visa_root``: str root holding VisA "candle" and "pcb1" (see make_visa).
+* ``mini_mvtec_ad2_root``: str root holding MVTec AD 2 "can" (see make_mvtec_ad2).
 """
 
 from __future__ import annotations
@@ -118,6 +129,83 @@ def make_loco(root, category="breakfast_box", n_train=5, n_val=3, n_good=2, n_lo
     return root
 
 
+def make_visa(root, category="candle", n_train=6, n_good=2, n_anomaly=3, size=(36, 52),
+              seed=0, anno=True):
+    """Write a tiny VisA category (JPEG images, class-id masks, 1cls.csv rows)."""
+    import csv
+
+    root = str(root)
+    rng = np.random.default_rng(seed)
+    cat = os.path.join(root, category)
+    rows, anno_rows = [], []
+    for i in range(n_train + n_good):
+        rel = f"{category}/Data/Images/Normal/{i:04d}.JPG"
+        _save(_rand_image(rng, size), os.path.join(root, rel))
+        rows.append([category, "train" if i < n_train else "test", "normal", rel, ""])
+        anno_rows.append([rel, "normal", ""])
+    for i in range(n_anomaly):
+        rel = f"{category}/Data/Images/Anomaly/{i:03d}.JPG"
+        mrel = f"{category}/Data/Masks/Anomaly/{i:03d}.png"
+        _save(_rand_image(rng, size), os.path.join(root, rel))
+        _save(_rect_mask(rng, size, value=1 + i % 2), os.path.join(root, mrel))
+        rows.append([category, "test", "anomaly", rel, mrel])
+        anno_rows.append([rel, "bent" if i % 2 == 0 else "melt, scratch", mrel])
+    split = os.path.join(root, "split_csv", "1cls.csv")
+    os.makedirs(os.path.dirname(split), exist_ok=True)
+    new = not os.path.exists(split)
+    with open(split, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["object", "split", "label", "image", "mask"])
+        w.writerows(rows)
+    if anno:
+        with open(os.path.join(cat, "image_anno.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "label", "mask"])
+            w.writerows(anno_rows)
+    return root
+
+
+def make_mvtec_ad2(root, category="can", n_train=6, n_val=3, n_good=2, n_bad=3, n_private=3,
+                   n_mixed=2, size=(36, 52), seed=0):
+    """Write a tiny MVTec AD 2 category."""
+    root = str(root)
+    rng = np.random.default_rng(seed)
+    cat = os.path.join(root, category)
+    for split, n in (("train", n_train), ("validation", n_val)):
+        for i in range(n):
+            _save(_rand_image(rng, size), os.path.join(cat, split, "good", f"{i:03d}_regular.png"))
+    for i in range(n_good):
+        _save(_rand_image(rng, size), os.path.join(cat, "test_public", "good",
+                                                   f"{i:03d}_regular.png"))
+    for i in range(n_bad):
+        name = f"{i:03d}_{'regular' if i % 2 == 0 else 'overexposed'}"
+        _save(_rand_image(rng, size), os.path.join(cat, "test_public", "bad", name + ".png"))
+        _save(_rect_mask(rng, size), os.path.join(cat, "test_public", "ground_truth", "bad",
+                                                  name + "_mask.png"))
+    for split, n, light in (("test_private", n_private, "regular"),
+                            ("test_private_mixed", n_mixed, "mixed")):
+        for i in range(n):
+            _save(_rand_image(rng, size), os.path.join(cat, split, f"{i:03d}_{light}.png"))
+    return root
+
+
+def make_btad(root, category="01", n_train=6, n_good=2, n_bad=3, size=(40, 40), ext=".bmp",
+              seed=0):
+    """Write a tiny BTAD category (ok/ko, masks ground_truth/ko/<stem>.png)."""
+    root = str(root)
+    rng = np.random.default_rng(seed)
+    cat = os.path.join(root, category)
+    for split, folder, n in (("train", "ok", n_train), ("test", "ok", n_good),
+                             ("test", "ko", n_bad)):
+        for i in range(n):
+            _save(_rand_image(rng, size), os.path.join(cat, split, folder, f"{i:04d}{ext}"))
+            if folder == "ko":
+                _save(_rect_mask(rng, size), os.path.join(cat, "ground_truth", "ko",
+                                                          f"{i:04d}.png"))
+    return root
+
+
 @pytest.fixture(name="make_mvtec_ad")
 def _make_mvtec_ad_fixture():
     return make_mvtec_ad
@@ -163,3 +251,15 @@ def mini_mvtec_ad_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mini_loco_root(tmp_path_factory):
     return make_loco(tmp_path_factory.mktemp("loco"))
+
+
+@pytest.fixture(scope="session")
+def mini_visa_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("visa")
+    make_visa(root, "candle")
+    return make_visa(root, "pcb1", size=(40, 32), seed=1, anno=False)
+
+
+@pytest.fixture(scope="session")
+def mini_mvtec_ad2_root(tmp_path_factory):
+    return make_mvtec_ad2(tmp_path_factory.mktemp("mvtec_ad2"))

@@ -11,7 +11,8 @@ One table: each row is (how, arguments, exit status, substrings of the message).
   older callers), and one line.
 
 Placeholders in arguments: {mvtec} is the conftest's mini MVTec AD root (bottle, grid),
-{partial} a root with bottle and an empty cable category; "@config.json" / "@emptydir"
+{partial} a root with bottle and an empty cable category, {visa} the mini VisA root
+(candle, pcb1), {nocsv} a VisA root without split_csv/, {wd} the workdir; "@config.json" / "@emptydir"
 make the workdir with a config.json / empty; "@key" sets a key as a config file would.
 """
 
@@ -142,6 +143,52 @@ ROWS = [
                  id="category-typo"),
     pytest.param(*val({"data.root": "{mvtec}/bottle"}), 2, ["itself a category folder"],
                  id="root-one-level-too-deep"),
+    # --- validate(): datasets and preprocessing (docs/DATA.md) ----------------------------
+    pytest.param(*val({"data.dataset": "visaa"}), 2,
+                 ["Unknown dataset 'visaa'", "Did you mean 'visa'", "mvtec_ad2"],
+                 id="dataset-typo"),
+    pytest.param(*val({"data.resize": "squash"}), 2,
+                 ["data.resize='squash'", "'stretch'", "'pad'", "'center_crop'"], id="resize"),
+    pytest.param(*val({"data.image_filter": "area"}), 2,
+                 ["data.image_filter='area'", "'lanczos'"], id="image-filter"),
+    pytest.param(*val({"data.mask_resize": "bicubic"}), 2,
+                 ["data.mask_resize='bicubic'", "'nearest'"], id="mask-resize"),
+    pytest.param(*val({"data.source": "hdf5"}), 2, ["data.source='hdf5'", "'tfds'"],
+                 id="source"),
+    pytest.param(*val({"data.dataset": "btad", "data.category": "01", "data.source": "tfds"}),
+                 2, ["'btad' has no TFDS builder", "--config.data.source=files"],
+                 id="source-tfds-without-builder"),
+    pytest.param(*val({"data.dataset": "visa", "data.category": "candel"}), 2,
+                 ["Unknown visa category 'candel'", "Did you mean 'candle'"],
+                 id="visa-category-typo"),
+    pytest.param(*val({"data.dataset": "visa", "data.category": "candle",
+                       "data.root": "{nocsv}"}), 2,
+                 ["split_csv/1cls.csv", "https://github.com/amazon-science/spot-diff"],
+                 id="visa-root-without-split-csv"),
+    pytest.param(*val({"data.dataset": "visa", "data.category": "candle",
+                       "data.root": "{wd}/nope"}), 2,
+                 ["data.root '{wd}/nope' does not exist", "VisA",
+                  "https://github.com/amazon-science/spot-diff"], id="visa-root-missing"),
+    pytest.param(*val({"data.dataset": "visa", "data.category": "candle,pcb2",
+                       "data.root": "{visa}"}), 2,
+                 ["1 of 2 categories is not in data.root", "pcb2", "--config.data.category=candle"],
+                 id="visa-category-missing"),
+    pytest.param(*val({"data.dataset": "visa", "data.category": "candle",
+                       "data.root": "{visa}"}), 0, [], id="visa-ok"),
+    pytest.param(*val({"data.dataset": "mvtec_ad2", "data.category": "can", "data.root": ""}), 2,
+                 ["data.root is not set", "https://www.mvtec.com/company/research/datasets/"
+                  "mvtec-ad-2"], id="mvtec-ad2-root-unset"),
+    pytest.param(*val({"data.dataset": "btad", "data.category": "01",
+                       "data.root": "{wd}/nope"}), 2,
+                 ["does not exist", "BTAD", "https://avires.dimi.uniud.it/papers/btad/btad.zip"],
+                 id="btad-root-missing"),
+    pytest.param(*val({"data.dataset": "mpdd", "data.category": "tubes",
+                       "data.root": "{wd}/nope"}), 2,
+                 ["does not exist", "MPDD", "https://github.com/stepanje/MPDD"],
+                 id="mpdd-root-missing"),
+    pytest.param(*val({"data.dataset": "visa", "data.category": "candle",
+                       "data.root": "{mvtec}"}), 2, ["split_csv/1cls.csv"],
+                 id="visa-given-mvtec-root"),
 ]
 
 
@@ -150,6 +197,17 @@ def partial_root(tmp_path, make_mvtec_ad):
     root = make_mvtec_ad(tmp_path / "partial", "bottle", n_train=2, n_good=1,
                          defects=(("crack", 1),))
     os.makedirs(os.path.join(root, "cable", "train", "good"))
+    return root
+
+
+@pytest.fixture
+def nocsv_root(tmp_path, mini_visa_root):
+    """A VisA tree without its split_csv/ folder."""
+    import shutil
+
+    root = str(tmp_path / "visa_nocsv")
+    shutil.copytree(mini_visa_root, root)
+    shutil.rmtree(os.path.join(root, "split_csv"))
     return root
 
 
@@ -162,9 +220,10 @@ def _fill(value, places):
 
 @pytest.mark.parametrize("how,args,code,substrings", ROWS)
 def test_bad_input_gives_one_line(how, args, code, substrings, mini_mvtec_ad_root,
-                                  partial_root, tmp_path):
+                                  partial_root, mini_visa_root, nocsv_root, tmp_path):
     wd = str(tmp_path / "wd")
-    places = {"mvtec": mini_mvtec_ad_root, "partial": partial_root, "wd": wd}
+    places = {"mvtec": mini_mvtec_ad_root, "partial": partial_root, "wd": wd,
+              "visa": mini_visa_root, "nocsv": nocsv_root}
     substrings = [_fill(s, places) for s in substrings]
     if how == "cli":
         argv = [_fill(a, places) for a in args]

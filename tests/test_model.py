@@ -56,13 +56,21 @@ def tiny_args(name, roots):
         from conftest import TINY_SYNTHETIC_ARGS
 
         args += [f"--config.data.root={roots['synthetic']}", *TINY_SYNTHETIC_ARGS]
+    elif ds == "visa":
+        args += [f"--config.data.root={roots['visa']}", "--config.data.category=candle"]
+    elif ds == "mvtec_ad2":
+        args += [f"--config.data.root={roots['mvtec_ad2']}", "--config.data.category=can"]
+    else:
+        raise AssertionError(f"tiny_args: no tiny data root for dataset {ds!r} ({name}.py)")
     return args, c
 
 
 @pytest.fixture(scope="module")
-def roots(mini_mvtec_ad_root, mini_loco_root, tiny_synthetic_root):
+def roots(mini_mvtec_ad_root, mini_loco_root, tiny_synthetic_root, mini_visa_root,
+          mini_mvtec_ad2_root):
     return {"mvtec_ad": mini_mvtec_ad_root, "loco": mini_loco_root,
-            "synthetic": tiny_synthetic_root}
+            "synthetic": tiny_synthetic_root, "visa": mini_visa_root,
+            "mvtec_ad2": mini_mvtec_ad2_root}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -100,9 +108,24 @@ def test_trained_model_predicts_and_exports_through_the_cli(name, roots, tmp_pat
             fix in open(os.path.join(wd, "log.txt")).read()]
     assert said == [c.method == "efficientad"] * 3, said
 
+    if c.data.dataset == "mvtec_ad2":  # the private splits' maps for the evaluation server
+        sub = os.path.join(wd, "submission")
+        for split, n in (("test_private", 3), ("test_private_mixed", 2)):
+            tifs = sorted(os.listdir(os.path.join(sub, "anomaly_images", cat, split)))
+            pngs = sorted(os.listdir(os.path.join(sub, "anomaly_images_thresholded", cat, split)))
+            assert len(tifs) == n and [t[:-5] for t in tifs] == [p_[:-4] for p_ in pngs]
+        import tifffile
+        from PIL import Image
+
+        m = tifffile.imread(os.path.join(sub, "anomaly_images", cat, "test_private_mixed",
+                                         tifs[0]))
+        png = np.asarray(Image.open(os.path.join(sub, "anomaly_images_thresholded", cat,
+                                                 "test_private_mixed", pngs[0])))
+        assert m.dtype == np.float16 and m.shape == (36, 52)  # the original size
+        assert png.shape == (36, 52) and set(np.unique(png)) <= {0, 255}
+
     # Predictor: without the config file, the dataset or an optimizer.
-    test_dir = os.path.join(c_root(roots, c), cat, "test")
-    files = sorted(glob.glob(os.path.join(test_dir, "*", "*.png")))
+    test_dir, files = test_files(roots, c, cat)
     p = Predictor.from_workdir(wd)
     maps, scores = p.predict(files)
     s = p.image_size
@@ -149,7 +172,24 @@ def test_trained_model_predicts_and_exports_through_the_cli(name, roots, tmp_pat
 
 def c_root(roots, c):
     return {"mvtec_ad": roots["mvtec_ad"], "mvtec_loco": roots["loco"],
-            "synthetic": roots["synthetic"]}[c.data.dataset]
+            "synthetic": roots["synthetic"], "visa": roots["visa"],
+            "mvtec_ad2": roots["mvtec_ad2"]}[c.data.dataset]
+
+
+def test_files(roots, c, cat):
+    """(a folder of test images, its image files in --mode=predict's order)."""
+    root = c_root(roots, c)
+    if c.data.dataset == "visa":
+        d = os.path.join(root, cat, "Data", "Images")
+        return d, sorted(glob.glob(os.path.join(d, "*", "*.JPG")))
+    if c.data.dataset == "mvtec_ad2":
+        d = os.path.join(root, cat, "test_private")
+        return d, sorted(glob.glob(os.path.join(d, "*.png")))
+    d = os.path.join(root, cat, "test")
+    return d, sorted(glob.glob(os.path.join(d, "*", "*.png")))
+
+
+test_files.__test__ = False  # a helper, not a test
 
 
 def test_eval_of_a_reference_rd4ad_checkpoint_needs_no_orbax_checkpoint(roots, tmp_path):

@@ -1,14 +1,19 @@
-"""Datasets: MVTec AD, MVTec LOCO AD, image folders and kdjax's synthetic LOCO-layout set.
+"""Datasets: MVTec AD, MVTec LOCO AD, VisA, MVTec AD 2, BTAD, MPDD, image folders and
+kdjax's synthetic LOCO-layout set (one descriptor each: ``dataset_spec(name)``).
 
 The API the engine, the metrics and the notebooks call (docs/DATA.md, docs/INTERFACE.md):
 
 * ``list_records(dataset, root, category, split)`` -> sorted ``Record`` list
 * ``split_train_val(records, fraction, seed)`` -> (train, val)
 * ``read_image(path)`` -> uint8 (H, W, 3); ``ImageError`` if undecodable
-* ``load_images(records, image_size, on_corrupt="raise")`` -> (uint8 (N, S, S, 3), kept records)
+* ``load_images(records, image_size, on_corrupt="raise", resize=, image_filter=)``
+  -> (uint8 (N, S, S, 3), kept records)
 * ``original_sizes(records)`` -> [(H, W)] from headers
-* ``load_masks(records, size=None)`` -> uint8 (N, H, W) in {0, 1}
-* ``load_regions(record, size=None)`` -> [GTRegion] (LOCO)
+* ``load_masks(records, size=None, resize=, mask_resize=)`` -> uint8 (N, H, W) in {0, 1}
+* ``load_regions(record, size=None, resize=)`` -> [GTRegion] (LOCO)
+* ``Preprocess.from_config(config)``: the data.resize / image_filter / mask_resize
+  settings, with ``image_kw`` and ``mask_kw`` for the functions above
+* ``open_source(config, root)`` -> the records of data.source (files or TFDS)
 * ``ensure_synthetic(root, seed, image_size, counts)`` -> category name
 * ``make_dataset(records, image_size, batch_size, seed=...)`` -> tf.data.Dataset
   (TensorFlow is imported only when this is called)
@@ -16,13 +21,17 @@ The API the engine, the metrics and the notebooks call (docs/DATA.md, docs/INTER
 Importing this package is cheap: numpy and PIL only.
 """
 
+from kdjax.data.images import restore_maps, request_size
 from kdjax.data.pipeline import make_dataset
 from kdjax.data.readers import (DATASET_URL, IMAGE_EXTENSIONS, DatasetError, ImageError,
                                 has_masks, list_records, load_images, load_masks,
                                 load_regions, original_sizes, read_defects_config,
                                 read_image, split_train_val)
-from kdjax.data.types import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, MVTEC_AD_CATEGORIES,
-                              MVTEC_LOCO_CATEGORIES, GTRegion, Record, RegionSpec)
+from kdjax.data.source import FileSource, Preprocess, open_source
+from kdjax.data.types import (DATASET_SPECS, DATASETS, IMAGENET_MEAN, IMAGENET_STD,
+                              MVTEC_AD2_CATEGORIES, MVTEC_AD_CATEGORIES, MVTEC_LOCO_CATEGORIES,
+                              VISA_CATEGORIES, DatasetSpec, GTRegion, Record, RegionSpec,
+                              dataset_spec)
 
 
 
@@ -35,9 +44,11 @@ def ensure_synthetic(root, seed=0, image_size=256, counts=(200, 40, 40, 40, 40))
 
 
 __all__ = [
-    "DATASETS", "DATASET_URL", "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD",
-    "MVTEC_AD_CATEGORIES", "MVTEC_LOCO_CATEGORIES", "DatasetError", "GTRegion", "ImageError",
-    "Record", "RegionSpec", "ensure_synthetic", "has_masks", "list_records", "load_images",
-    "load_masks", "load_regions", "make_dataset", "original_sizes", "read_defects_config",
-    "read_image", "split_train_val",
+    "DATASETS", "DATASET_SPECS", "DATASET_URL", "IMAGE_EXTENSIONS", "IMAGENET_MEAN",
+    "IMAGENET_STD", "MVTEC_AD2_CATEGORIES", "MVTEC_AD_CATEGORIES", "MVTEC_LOCO_CATEGORIES",
+    "VISA_CATEGORIES", "DatasetError", "DatasetSpec", "FileSource", "GTRegion", "ImageError",
+    "Preprocess", "Record", "RegionSpec", "dataset_spec", "ensure_synthetic", "has_masks",
+    "list_records", "load_images", "load_masks", "load_regions", "make_dataset",
+    "open_source", "original_sizes", "read_defects_config", "read_image", "request_size",
+    "restore_maps", "split_train_val",
 ]
