@@ -34,7 +34,8 @@ LOCO_DATASETS = ("mvtec_loco", "synthetic")
 # ---------------------------------------------------------------------------
 
 def category_metrics(dataset: str, maps, records, masks=None, regions=None,
-                     per_image_pro: bool = True) -> Dict[str, float]:
+                     per_image_pro: bool = True, curves: Optional[dict] = None
+                     ) -> Dict[str, float]:
     """Metrics of one category's test set (docs/METRICS.md), as {name: float}.
 
     dataset "mvtec_ad" / "folder": ``masks`` (N, H, W) in {0, 1} at the maps'
@@ -42,7 +43,8 @@ def category_metrics(dataset: str, maps, records, masks=None, regions=None,
     (a folder dataset without masks, masks=None, gets the image metrics only).
     dataset "mvtec_loco" / "synthetic": ``regions`` (one list of GTRegion per
     image) -> kdjax.metrics.loco_metrics. ``records`` (kdjax.data.types.Record)
-    give labels, anomaly kinds and the names used in error messages.
+    give labels, anomaly kinds and the names used in error messages. ``curves``: a
+    dict that receives the (s)PRO curves (kdjax.metrics.mvtec_ad_metrics / loco_metrics).
     """
     records = list(records)
     maps_l = M.as_map_list(maps, "maps")
@@ -59,13 +61,13 @@ def category_metrics(dataset: str, maps, records, masks=None, regions=None,
             return {"image_auroc": M.image_auroc(labels, scores),
                     "f1_max": M.f1_max(labels, scores)}
         return M.mvtec_ad_metrics(maps_l, labels, masks, per_image_pro=per_image_pro,
-                                  names=names)
+                                  names=names, curves=curves)
     if dataset in LOCO_DATASETS:
         if regions is None:
             raise ValueError(f"Dataset {dataset!r} needs the ground-truth regions "
                              "(regions=[kdjax.data.load_regions(r, size) for r in records]).")
         kinds = [r.anomaly_kind if r.label else None for r in records]
-        return M.loco_metrics(maps_l, labels, kinds, regions, names=names)
+        return M.loco_metrics(maps_l, labels, kinds, regions, names=names, curves=curves)
     raise ValueError(f"Unknown dataset {dataset!r}; expected one of "
                      f"{AD_DATASETS + LOCO_DATASETS}.")
 

@@ -126,7 +126,11 @@ def build_teacher_cache(config, method, frozen, images: np.ndarray, mesh: Mesh):
     repl = NamedSharding(mesh, P())
     fn = xla.jit(lambda f, x: method.teacher_cache(f, ops.normalize_images(x)),
                  out_shardings=repl)
-    host = map_batches(lambda x: fn(frozen, x), images, int(config.eval.batch_size), mesh)
+    from kdjax.progress import Progress
+
+    with Progress(n, f"[{config.data.category}] teacher cache", unit="img", summary=False) as bar:
+        host = map_batches(lambda x: fn(frozen, x), images, int(config.eval.batch_size), mesh,
+                           progress=bar)
     log.info("Teacher cache: %.2f GiB for %d training images (train.cache_teacher).", gb, n)
     return jax.tree_util.tree_map(lambda a: put_global(a, repl), host)
 
@@ -162,8 +166,9 @@ def init_train_state(config, method, cat: CategoryData, mesh: Mesh):
 
 
 def train_category(config, method, cat: CategoryData, ckpt_dir: str, mesh: Mesh,
-                   train: bool = True, metrics_path: Optional[str] = None):
-    """Train (or resume, or just restore) one category; returns (ts, frozen)."""
+                   train: bool = True, metrics_path: Optional[str] = None, monitor=None):
+    """Train (or resume, or just restore) one category; returns (ts, frozen).
+    ``monitor``: a kdjax.monitor.Monitor (progress bar, training line, TensorBoard)."""
     if train:  # a rerun with other training settings would mix two trainings
         checkpoints.check_training_config(ckpt_dir, config)
     ts, frozen, tx, steps = init_train_state(config, method, cat, mesh)
@@ -196,6 +201,10 @@ def train_category(config, method, cat: CategoryData, ckpt_dir: str, mesh: Mesh,
     next_ckpt = (start // ckpt_every + 1) * ckpt_every
     if metrics_path and jax.process_index() == 0:
         _drop_metrics_after(metrics_path, cat.category, start)  # steps redone after a resume
+    from kdjax.monitor import Monitor, learning_rates
+
+    mon = monitor or Monitor()
+    mon.train_begin(cat.category, start, steps, batch)
     stop = _StopOnSigint()
     try:
         while step < steps:
@@ -210,14 +219,13 @@ def train_category(config, method, cat: CategoryData, ckpt_dir: str, mesh: Mesh,
                 raise TrainingDivergedError(_diverged_message(config, cat.category, losses,
                                                               bad, mngr.latest_step(), ckpt_dir))
             step += n
+            mon.train_step(step, float(losses[-1]))
             if step - last_log >= int(config.train.log_every) or step == steps:
                 now = time.time()
                 ips = (step - last_log) * batch / max(now - t_log, 1e-9)
-                eta = (steps - step) * batch / max(ips, 1e-9)
                 means = {k: float(np.mean(np.asarray(v)))
                          for k, v in jax.device_get(metrics).items()}
-                log.info("[%s] step %d/%d loss %.5f  %.1f img/s  ETA %s", cat.category, step,
-                         steps, means["loss"], ips, _fmt_time(eta))
+                mon.train_log(step, means, ips, learning_rates(method, step, steps))
                 if metrics_path and jax.process_index() == 0:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"category": cat.category, "step": step,
@@ -242,6 +250,7 @@ def train_category(config, method, cat: CategoryData, ckpt_dir: str, mesh: Mesh,
         raise
     finally:
         stop.restore()
+        mon.train_end()
     checkpoints.keep_only_latest(mngr)
     mngr.close()
     log.info("[%s] trained in %s", cat.category, _fmt_time(time.time() - t0))

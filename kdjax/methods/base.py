@@ -94,6 +94,11 @@ class Method:
             return optax.sgd(t.learning_rate)
         return optax.adam(t.learning_rate, b1=t.get("b1", 0.9), b2=t.get("b2", 0.999))
 
+    def learning_rates(self, step: int, total_steps: int) -> Dict[str, float]:
+        """The learning rate(s) of :meth:`optimizer` at ``step``, as host floats (for the
+        training log and TensorBoard; never read inside the jitted step)."""
+        return {"learning_rate": float(self.config.train.learning_rate)}
+
     # --- training ---------------------------------------------------------
     def teacher_cache(self, frozen: Pytree, images: jax.Array) -> Optional[Pytree]:
         """What ``loss`` computes from the CLEAN training images with the frozen

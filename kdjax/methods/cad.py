@@ -233,6 +233,12 @@ class CAD(RD4AD):
             {"local": base, "global": global_tx},
             lambda params: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in params.items()})
 
+    def learning_rates(self, step: int, total_steps: int):
+        out = super().learning_rates(step, total_steps)
+        if float(self.cad.global_learning_rate) >= 0:
+            out["learning_rate_global"] = float(self.cad.global_learning_rate)
+        return out
+
     def init(self, rng, image_shape):
         from kdjax.methods.rd4ad import _seed_of
         from kdjax.models.cad import host_init
