@@ -50,3 +50,50 @@ def test_training_and_evaluation_scalars_read_back(demo_run):
     assert {"train/loss", "eval/image_auroc", "eval/roc"} <= set(ea.Tags()["tensors"])
     assert ea.SummaryMetadata("train/loss").plugin_data.plugin_name == "scalars"
     assert ea.SummaryMetadata("eval/roc").plugin_data.plugin_name == "images"
+
+
+def test_tensorboard_serves_the_run(demo_run):
+    """README: ``tensorboard --logdir <workdir>``, as written (the server on 127.0.0.1,
+    asked for its scalar tags over HTTP, then stopped)."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    exe = shutil.which("tensorboard")
+    if exe is None:
+        pytest.skip("the tensorboard package is not installed (pip install tensorboard)")
+    wd, _ = demo_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, "--logdir", wd, "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, tags = time.time() + 120, None
+        while time.time() < deadline and tags is None:
+            try:
+                with urllib.request.urlopen(
+                        f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as r:
+                    tags = json.loads(r.read())
+            except OSError:
+                assert proc.poll() is None, "tensorboard exited"
+                time.sleep(1)
+        # TensorBoard loads runs in the background: wait until it has read the event files.
+        run = "tensorboard/tray"  # the runs are the folders below --logdir
+        while time.time() < deadline and "eval/image_auroc" not in (tags or {}).get(run, {}):
+            time.sleep(1)
+            with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as r:
+                tags = json.loads(r.read())
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/images/tags",
+                                    timeout=5) as r:
+            images = json.loads(r.read())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert tags is not None, "tensorboard did not answer"
+    assert {"train/loss", "train/images_per_s", "eval/image_auroc"} <= set(tags[run])
+    assert "eval/image_auroc" in tags["tensorboard/mean"]
+    assert {"eval/roc", "eval/overlays"} <= set(images[run])
