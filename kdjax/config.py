@@ -6,8 +6,8 @@ what its experiment needs; ``validate(config)`` runs before anything else
 :class:`kdjax.errors.ConfigError` / :class:`kdjax.errors.DataError` (both
 ValueErrors) with one line naming the key, the bad value and the fix.
 
-Keys: the sections ``data``, ``train``, ``eval``, ``teacher`` and
-``distributed`` hold exactly the keys of ``base_config()``: a key that it does
+Keys: the sections ``data``, ``train``, ``eval``, ``teacher``, ``distributed``
+and ``report`` hold exactly the keys of ``base_config()``: a key that it does
 not know (a typo such as ``train.stepz``) is refused with the closest known
 keys. Open sections, checked by their own code: the method sections
 (``config.cad``, ``config.efficientad``, ``config.mrkd``), ``config.targets``,
