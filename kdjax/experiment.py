@@ -1,7 +1,9 @@
 """Orchestration of a run: every category (and variant) of a config is trained
 (kdjax/train.py), calibrated into a model artifact (map normalization and
 decision threshold, kdjax/inference.py), evaluated on its test set, and
-reported (kdjax/evaluate.py).
+reported (kdjax/evaluate.py: results.json/md and figures; kdjax/report.py:
+report.html). A kdjax.monitor.Monitor shows progress and writes TensorBoard
+summaries throughout.
 
 ``train_and_evaluate(config, workdir, mode)`` is the entry point of
 ``python -m kdjax.main``, the notebooks and the tests.

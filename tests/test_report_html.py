@@ -181,3 +181,61 @@ def test_predict_gallery_in_a_browser(demo_run, tiny_synthetic_root, tmp_path):
     good_folder = _Dom(dump_dom(tmp_path, page, "type=good&sort=score-asc")).visible()
     assert len(good_folder) == 4 and _scores(good_folder) == sorted(_scores(good_folder))
     _not_blank(screenshot(tmp_path, page, str(tmp_path / "gallery.png")))
+
+
+def _ad_category(wd, cat, n_good, defects, seed):
+    """report_files for one MVTec AD-style category from random images and maps."""
+    from kdjax import evaluate, report
+    from kdjax.data.types import Record
+
+    rng = np.random.default_rng(seed)
+    records = [Record(f"/data/{cat}/test/good/{i:03d}.png", cat, "test", "good", 0)
+               for i in range(n_good)]
+    for d, k in defects:
+        records += [Record(f"/data/{cat}/test/{d}/{i:03d}.png", cat, "test", d, 1)
+                    for i in range(k)]
+    n = len(records)
+    images = (rng.random((n, 32, 32, 3)) * 255).astype(np.uint8)
+    masks = np.zeros((n, 32, 32), np.uint8)
+    maps = rng.random((n, 32, 32)).astype(np.float32)
+    for i, r in enumerate(records):
+        if r.label:
+            masks[i, 8:20, 8:20] = 1
+            maps[i, 8:20, 8:20] += 0.5 * (i % 3)
+    curves = {}
+    metrics = evaluate.category_metrics("mvtec_ad", maps, records, masks=masks, curves=curves)
+    scores = maps.max(axis=(1, 2))
+    labels = np.array([r.label for r in records])
+    from kdjax.inference import confusion_at
+
+    thr = {"value": float(np.median(scores)), "rule": "fixed", "source": "config"}
+    thr["test"] = confusion_at(labels, scores, thr["value"])
+    report.write_category(wd, cat, "mvtec_ad", images, maps, records, scores, thr,
+                          masks=masks, curves=curves, root="/data", thumbnail_size=64)
+    return metrics, thr
+
+
+@needs_chromium
+def test_report_of_several_categories_with_paper_numbers(tmp_path):
+    """kdjax.report on two MVTec AD-style categories (no training): the paper column,
+    the PRO curves, and the category filter in the browser."""
+    from kdjax import evaluate, report
+
+    wd = str(tmp_path / "w")
+    cats, thresholds = {}, {}
+    cats["bottle"], thresholds["bottle"] = _ad_category(wd, "bottle", 3, [("crack", 4)], 0)
+    cats["grid"], thresholds["grid"] = _ad_category(wd, "grid", 2, [("bent", 2), ("glue", 3)],
+                                                    1)
+    targets = {"mean": {"image_auroc": 98.5}, "bottle": {"au_pro": 96.6}}
+    results = evaluate.write_results(wd, "rd4ad", "mvtec_ad", "wrn50", cats, targets=targets,
+                                     extra={"thresholds": thresholds})
+    page = report.write_report(wd, evaluate._finite_or_none(results), targets)
+    text = open(page).read()
+    assert text.count("<td class=paper>98.5</td>") == 1 and "<td class=paper>96.6</td>" in text
+    dom = _Dom(dump_dom(tmp_path, page))
+    assert len(dom.rows) == 3 and len(dom.cards) == 14 and dom.svgs == 4  # ROC + PRO each
+    assert "f-kind" not in dom.options  # MVTec AD: no logical / structural
+    grid = _Dom(dump_dom(tmp_path, page, "cat=grid")).visible()
+    assert len(grid) == 7 and {c["data-cat"] for c in grid} == {"grid"}
+    glue = _Dom(dump_dom(tmp_path, page, "type=glue&sort=name")).visible()
+    assert [c["data-name"] for c in glue] == [f"grid/test/glue/{i:03d}.png" for i in range(3)]
