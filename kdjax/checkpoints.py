@@ -74,8 +74,9 @@ def keep_only_latest(mngr) -> None:
 
 TRAINING_CONFIG = "training_config.json"
 # Keys that do not change what training computes: a rerun may change them freely.
-_NOT_TRAINING = ("eval", "variants", "targets", "targets_by", "targets_source", "ablation",
-                 "multihost", "distributed", "data.root", "data.on_corrupt", "train.log_every",
+_NOT_TRAINING = ("eval", "report", "variants", "targets", "targets_by", "targets_source",
+                 "ablation", "multihost", "distributed", "data.root", "data.on_corrupt",
+                 "train.log_every",
                  "train.checkpoint_every", "train.keep_checkpoints", "train.steps_per_call",
                  "train.restart", "train.cache_teacher",
                  "train.cache_teacher_max_gb", "data.val_fraction", "teacher.allow_random",

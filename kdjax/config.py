@@ -6,8 +6,8 @@ what its experiment needs; ``validate(config)`` runs before anything else
 :class:`kdjax.errors.ConfigError` / :class:`kdjax.errors.DataError` (both
 ValueErrors) with one line naming the key, the bad value and the fix.
 
-Keys: the sections ``data``, ``train``, ``eval``, ``teacher`` and
-``distributed`` hold exactly the keys of ``base_config()``: a key that it does
+Keys: the sections ``data``, ``train``, ``eval``, ``teacher``, ``distributed``
+and ``report`` hold exactly the keys of ``base_config()``: a key that it does
 not know (a typo such as ``train.stepz``) is refused with the closest known
 keys. Open sections, checked by their own code: the method sections
 (``config.cad``, ``config.efficientad``, ``config.mrkd``), ``config.targets``,
@@ -32,7 +32,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 THRESHOLD_RULES = ("auto", "f1_val", "quantile")
 DEFAULT_VALIDATION_FRACTION = 0.1
 # Sections whose keys must be those of base_config(); subsections left open.
-CHECKED_SECTIONS = ("data", "train", "eval", "teacher", "distributed")
+CHECKED_SECTIONS = ("data", "train", "eval", "teacher", "distributed", "report")
 OPEN_SUBSECTIONS = ("eval.map_weights", "eval.weight_variants")
 OPEN_TOP_LEVEL = ("targets", "variants")  # and the method sections (kdjax.methods.METHODS)
 DEPRECATED_KEYS = ("data.val_fraction",)  # still accepted, never suggested
@@ -131,6 +131,16 @@ def base_config(method: str = "rd4ad") -> ml_collections.ConfigDict:
     # Precision of inference, evaluation and export (float32 | bfloat16); training's is
     # train.compute_dtype.
     c.eval.compute_dtype = "float32"
+
+    # What a run shows besides results.json/md (docs/INTERFACE.md): <workdir>/report.html
+    # (results, curves, threshold, a gallery of every test image; thumbnails of
+    # thumbnail_size px per panel) and TensorBoard summaries in <workdir>/tensorboard/
+    # (tensorboard_images overlays per category).
+    c.report = ml_collections.ConfigDict()
+    c.report.html = True
+    c.report.thumbnail_size = 160
+    c.report.tensorboard = True
+    c.report.tensorboard_images = 4
 
     # Training variants side by side: {name: {"dotted.key": value}}; each is trained in
     # its own checkpoint directory (shared by variants whose training is identical).
@@ -496,6 +506,21 @@ def _check_eval(config) -> None:
             "--config.eval.quantiles='(0.9, 0.995)'.")
 
 
+def _check_report(config) -> None:
+    if "report" not in config:
+        return
+    t = _number(config, "report.thumbnail_size", int, default=160)
+    if not 16 <= t <= 1024:
+        raise ConfigError(f"report.thumbnail_size={t}: must be between 16 and 1024 (pixels per "
+                          "panel of the report's gallery; 128-256 keeps the report light).")
+    n = _number(config, "report.tensorboard_images", int, default=4)
+    if n < 0:
+        raise ConfigError(f"report.tensorboard_images={n}: must be >= 0.")
+    for key in ("html", "tensorboard"):
+        if not isinstance(config.report.get(key, True), bool):
+            raise ConfigError(f"report.{key}={config.report[key]!r}: must be True or False.")
+
+
 def _check_teacher(config) -> None:
     w = str(config.teacher.weights)
     if w == "random" and not config.teacher.allow_random:
@@ -554,6 +579,7 @@ def validate(config) -> None:
     _check_eval(config)
     method.resolve_settings(config)  # the method's section: keys and values
     paper_targets(config)  # a targets_by that names no key
+    _check_report(config)
     _check_files(config)
 
 

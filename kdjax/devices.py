@@ -27,11 +27,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def map_batches(fn, images: np.ndarray, batch: int, mesh: Mesh):
+def map_batches(fn, images: np.ndarray, batch: int, mesh: Mesh, progress=None):
     """``fn`` (a jitted function of one device batch, returning a pytree of
     arrays with the batch axis first, replicated) over a uint8 host array in batches of
     ``batch`` (the last one padded with copies of its final image, so one
-    compiled shape serves); the host outputs, concatenated, ``len(images)`` rows."""
+    compiled shape serves); the host outputs, concatenated, ``len(images)`` rows.
+    ``progress``: a kdjax.progress.Progress, advanced by each batch's image count."""
     in_sh = NamedSharding(mesh, batch_spec(mesh, batch))
     parts = []
     for i in range(0, len(images), batch):
@@ -41,4 +42,6 @@ def map_batches(fn, images: np.ndarray, batch: int, mesh: Mesh):
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, 0)], 0)
         out = jax.device_get(fn(put_global(chunk, in_sh)))
         parts.append(jax.tree_util.tree_map(lambda a, n=n: np.asarray(a)[:n], out))
+        if progress is not None:
+            progress.update(n)
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a, 0), *parts)

@@ -35,7 +35,8 @@ log = logging.getLogger("kdjax.evaluate")
 # ---------------------------------------------------------------------------
 
 def category_metrics(dataset: str, maps, records, masks=None, regions=None,
-                     per_image_pro: bool = True) -> Dict[str, float]:
+                     per_image_pro: bool = True, curves: Optional[dict] = None
+                     ) -> Dict[str, float]:
     """Metrics of one category's test set (docs/METRICS.md), as {name: float}.
 
     A dataset whose ground truth is masks (kdjax.data.types.DatasetSpec.ground_truth:
@@ -44,7 +45,8 @@ def category_metrics(dataset: str, maps, records, masks=None, regions=None,
     folder dataset without masks, masks=None, gets the image metrics only). LOCO regions
     (mvtec_loco, synthetic): ``regions`` (one list of GTRegion per image) ->
     kdjax.metrics.loco_metrics. ``records`` (kdjax.data.types.Record) give labels, anomaly
-    kinds and the names used in error messages.
+    kinds and the names used in error messages. ``curves``: a dict that receives the
+    (s)PRO curves (kdjax.metrics.mvtec_ad_metrics / loco_metrics).
     """
     records = list(records)
     maps_l = M.as_map_list(maps, "maps")
@@ -65,12 +67,12 @@ def category_metrics(dataset: str, maps, records, masks=None, regions=None,
             return {"image_auroc": M.image_auroc(labels, scores),
                     "f1_max": M.f1_max(labels, scores)}
         return M.mvtec_ad_metrics(maps_l, labels, masks, per_image_pro=per_image_pro,
-                                  names=names)
+                                  names=names, curves=curves)
     if regions is None:
         raise ValueError(f"Dataset {dataset!r} needs the ground-truth regions "
                          "(regions=[kdjax.data.load_regions(r, size) for r in records]).")
     kinds = [r.anomaly_kind if r.label else None for r in records]
-    return M.loco_metrics(maps_l, labels, kinds, regions, names=names)
+    return M.loco_metrics(maps_l, labels, kinds, regions, names=names, curves=curves)
 
 
 # ---------------------------------------------------------------------------

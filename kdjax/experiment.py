@@ -1,7 +1,9 @@
 """Orchestration of a run: every category (and variant) of a config is trained
 (kdjax/train.py), calibrated into a model artifact (map normalization and
 decision threshold, kdjax/inference.py), evaluated on its test set, and
-reported (kdjax/evaluate.py).
+reported (kdjax/evaluate.py: results.json/md and figures; kdjax/report.py:
+report.html). A kdjax.monitor.Monitor shows progress and writes TensorBoard
+summaries throughout.
 
 ``train_and_evaluate(config, workdir, mode)`` is the entry point of
 ``python -m kdjax.main``, the notebooks and the tests.
@@ -9,12 +11,12 @@ reported (kdjax/evaluate.py).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import os
-import time
 from typing import Any, Dict, Optional
 
 import jax
@@ -27,6 +29,7 @@ from kdjax import teacher as teacher_lib
 from kdjax.data.category import CategoryData, dataset_root, load_category
 from kdjax.data.types import dataset_spec
 from kdjax.devices import make_mesh
+from kdjax.jsonio import json_safe
 from kdjax.methods import get_method
 from kdjax.train import train_category
 from kdjax.workdir import setup_logging, workdir_lock
@@ -62,20 +65,28 @@ def build_model(config, method, teacher: teacher_lib.Teacher, ts, frozen, cat: C
     host_ts = jax.device_get({"params": ts["params"], "state": ts["state"]})
     model = inference.Model(mconfig, imethod, host_ts["params"], host_ts["state"], ifrozen,
                             mesh=mesh, provenance=prov, step=int(jax.device_get(ts["step"])))
+    from kdjax.progress import Progress
+
+    def bar(images):
+        return Progress(len(images), f"[{cat.category}] calibration", "img", summary=False)
+
     val_scores = val_labels = train_scores = None
     if inference.needs_normalization(imethod):
-        comps = model.components(cat.val)
+        with bar(cat.val) as b:
+            comps = model.components(cat.val, progress=b)
         model.norm = inference.map_normalization(comps, tuple(config.eval.quantiles))
         val_scores = model.finish_components(comps)[1]
     rule = config.eval.get("threshold", "auto")
     fixed = not isinstance(rule, str) or inference._is_number(rule)
     if not fixed:
         if val_scores is None and cat.val is not None and len(cat.val):
-            val_scores = model.predict(cat.val)[1]
+            with bar(cat.val) as b:
+                val_scores = model.predict(cat.val, progress=b)[1]
         if val_scores is not None:
             val_labels = np.array([int(r.label) for r in cat.val_records])
         else:
-            train_scores = model.predict(cat.train)[1]
+            with bar(cat.train) as b:
+                train_scores = model.predict(cat.train, progress=b)[1]
     where = ("validation split" if dataset_spec(config.data.dataset).has_validation_split
              else "held-out training images, data.validation_fraction")
     model.threshold = inference.choose_threshold(config, val_scores, val_labels, train_scores,
@@ -97,20 +108,22 @@ def save_model(model: inference.Model, workdir: str) -> Optional[str]:
 # ---------------------------------------------------------------------------
 
 def evaluate_category(config, model: inference.Model, cat: CategoryData, workdir: str,
-                      weight_variants: Dict[str, Dict[str, float]]):
+                      weight_variants: Dict[str, Dict[str, float]], monitor=None,
+                      primary: bool = True):
     """Maps of the test set -> metrics for each map-weight variant (host side);
-    returns ({variant: metrics}, threshold report of the first variant)."""
-    from kdjax import data, evaluate
+    returns ({variant: metrics}, threshold report of the first variant). ``primary``:
+    this model is the run's headline one (the first training variant), whose test
+    images the report's gallery shows."""
+    from kdjax import data, evaluate, report as report_lib
+    from kdjax.progress import Progress
 
     ds = config.data.dataset
     size = int(config.data.image_size)
     source = data.open_source(config, cat.root)
     records = source.records(cat.category, "test")
     images, records = source.images(records, size, config.data.on_corrupt)
-    t0 = time.time()
-    comps = model.components(images)
-    log.info("[%s] inference on %d test images: %.1f img/s", cat.category, len(images),
-             len(images) / max(time.time() - t0, 1e-9))
+    with Progress(len(images), f"[{cat.category}] inference on the test set", "img") as bar:
+        comps = model.components(images, progress=bar)
     original = config.eval.resolution == "original"
     sizes = source.original_sizes(records) if original else None
     if source.spec.ground_truth == "loco_regions":
@@ -123,14 +136,21 @@ def evaluate_category(config, model: inference.Model, cat: CategoryData, workdir
         regions = None
     labels = np.array([r.label for r in records])
     results, report = {}, None
+    roc_png = overlays = None
+    rcfg = config.get("report", None) or {}
+    html = bool(rcfg.get("html", True)) and primary
+    bar = Progress(len(weight_variants) + (len(images) if html else 0),
+                   f"[{cat.category}] metrics and report", "step", summary=False)
     for vname, weights in weight_variants.items():
         if original:
             eval_maps, scores = source.maps_to_original(model, comps, sizes, weights)
         else:
             eval_maps, scores = model.finish_components(comps, None, weights)
+        curves: Dict[str, Any] = {}
         results[vname] = evaluate.category_metrics(
             ds, eval_maps, records, masks=masks, regions=regions,
-            per_image_pro=bool(config.eval.pro_per_image))
+            per_image_pro=bool(config.eval.pro_per_image), curves=curves)
+        bar.update(1)
         if vname != next(iter(weight_variants)):
             continue
         report = dict(model.threshold or {})
@@ -148,6 +168,15 @@ def evaluate_category(config, model: inference.Model, cat: CategoryData, workdir
             if config.eval.export_tiff:
                 evaluate.export_tiff(os.path.join(workdir, "anomaly_maps"), cat.category,
                                      records, eval_maps)
+            roc_png = os.path.join(workdir, "figures", f"{cat.category}_roc.png")
+            if html:
+                overlays = report_lib.write_category(
+                    workdir, cat.category, ds, images, maps, records, scores, report,
+                    masks=fig_masks, curves=curves, root=cat.root,
+                    thumbnail_size=int(rcfg.get("thumbnail_size", 160)), progress=bar)
+    bar.close(summary=False)
+    if monitor is not None and jax.process_index() == 0:
+        monitor.eval_category(cat.category, model.step, results, roc_png, overlays)
     if source.spec.unlabelled_splits:
         from kdjax import submission
 
@@ -193,6 +222,7 @@ def _training_signature(config) -> str:
     """Hash of everything that changes training (not eval.*), to share checkpoints."""
     d = config.to_dict()
     d.pop("eval", None)
+    d.pop("report", None)
     d.pop("variants", None)
     d.pop("targets", None)
     d.pop("targets_by", None)
@@ -201,9 +231,10 @@ def _training_signature(config) -> str:
 
 
 def run_config(config, workdir: str, mode: str, ckpt_root: str,
-               write_model: bool = True) -> Dict[str, Any]:
+               write_model: bool = True, monitor=None) -> Dict[str, Any]:
     """Train and/or evaluate every category of one config; returns per-variant
-    categories and the threshold report per category."""
+    categories and the threshold report per category. ``write_model``: this is the
+    run's first (headline) config: write its model artifact and its report files."""
     mesh = make_mesh()
     kernels = backends.select()  # how the models compute on this backend, chosen once
     root = dataset_root(config, workdir)
@@ -225,13 +256,15 @@ def run_config(config, workdir: str, mode: str, ckpt_root: str,
         ckpt_dir = os.path.join(ckpt_root, cat_name)
         ts, frozen = train_category(cat_config, method, teacher.variables, cat, ckpt_dir, mesh,
                                     train=mode in ("train", "train_and_eval"),
-                                    metrics_path=os.path.join(workdir, "train_metrics.jsonl"))
+                                    metrics_path=os.path.join(workdir, "train_metrics.jsonl"),
+                                    monitor=monitor)
         model = build_model(cat_config, method, teacher, ts, frozen, cat, mesh)
         if write_model:
             save_model(model, workdir)
         if mode in ("eval", "train_and_eval"):
-            res, thresholds[cat_name] = evaluate_category(cat_config, model, cat, workdir,
-                                                          _weight_variants(config, method))
+            res, thresholds[cat_name] = evaluate_category(
+                cat_config, model, cat, workdir, _weight_variants(config, method),
+                monitor=monitor, primary=write_model)
             for v, m in res.items():
                 per_variant.setdefault(v, {})[cat_name] = m
             log.info("[%s] %s", cat_name, ", ".join(
@@ -250,7 +283,7 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> Di
     config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
     setup_logging(workdir)
-    with workdir_lock(workdir):
+    with workdir_lock(workdir), _monitor(config, workdir) as monitor:
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2))
@@ -263,8 +296,10 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> Di
             if variants:
                 ckpt_root = os.path.join(ckpt_root, _training_signature(vconfig))
                 log.info("=== variant %s ===", vname)
+                monitor.prefix = f"{vname}/"
             # The model artifact (model/<category>) is the first run's.
-            out = run_config(vconfig, workdir, mode, ckpt_root, write_model=first is None)
+            out = run_config(vconfig, workdir, mode, ckpt_root, write_model=first is None,
+                             monitor=monitor)
             first = first or out
             method = out["method"]
             for wname, cats in out["per_variant"].items():
@@ -273,11 +308,27 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> Di
                 collected[name] = cats
         if mode == "train":
             return {}
-        return _write_report(config, workdir, method, collected, first)
+        monitor.prefix = ""
+        return _write_report(config, workdir, method, collected, first, monitor)
 
 
-def _write_report(config, workdir, method, collected, first):
-    from kdjax import evaluate
+@contextlib.contextmanager
+def _monitor(config, workdir: str):
+    """The run's kdjax.monitor.Monitor (TensorBoard on process 0 with report.tensorboard)."""
+    from kdjax.monitor import Monitor
+
+    rcfg = config.get("report", None) or {}
+    monitor = Monitor(workdir, tensorboard=bool(rcfg.get("tensorboard", True))
+                      and jax.process_index() == 0,
+                      max_images=int(rcfg.get("tensorboard_images", 4)))
+    try:
+        yield monitor
+    finally:
+        monitor.close()
+
+
+def _write_report(config, workdir, method, collected, first, monitor=None):
+    from kdjax import evaluate, report
 
     main_name = next(iter(collected))
     teacher = first["teacher"]
@@ -302,5 +353,13 @@ def _write_report(config, workdir, method, collected, first):
         results = evaluate.write_results(
             workdir, config.method, config.data.dataset, teacher, collected[main_name],
             targets=targets, variants=variants, extra=extra)
-        log.info("Results written to %s", os.path.join(workdir, "results.json"))
+        if monitor is not None:
+            monitor.eval_mean(results["mean"])
+        rcfg = config.get("report", None) or {}
+        if bool(rcfg.get("html", True)):
+            path = report.write_report(workdir, json_safe(results), targets)
+            log.info("Results written to %s; the report is %s",
+                     os.path.join(workdir, "results.json"), path)
+        else:
+            log.info("Results written to %s", os.path.join(workdir, "results.json"))
     return results

@@ -350,12 +350,13 @@ class Model:
             raise ValueError("No images to score: the input is empty.")
         return images
 
-    def components(self, images) -> Dict[str, np.ndarray]:
-        """Map components {name: (N, h, w)} at the working resolution (host float32)."""
+    def components(self, images, progress=None) -> Dict[str, np.ndarray]:
+        """Map components {name: (N, h, w)} at the working resolution (host float32).
+        ``progress``: a kdjax.progress.Progress advanced per batch."""
         images = self._check_images(images)
         fn = self._components_fn()
         out = devices.map_batches(lambda x: fn(self.params, self.state, self.frozen, x),
-                                  images, self.batch, self.mesh)
+                                  images, self.batch, self.mesh, progress=progress)
         return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
     def finish_components(self, comps: Dict[str, np.ndarray], sizes=None, weights=None):
@@ -366,20 +367,21 @@ class Model:
         return self._grouped(n, sizes, lambda idx, size: self._finish_fn(size, weights, self.norm)(
             {k: jnp.asarray(v[idx]) for k, v in comps.items()}))
 
-    def predict(self, images, sizes=None):
+    def predict(self, images, sizes=None, progress=None):
         """uint8 images (N, S, S, 3) -> (maps, scores).
 
         ``sizes``: None (maps at the input size S, an (N, S, S) array), one
         (H, W) for all, or one (H, W) per image (e.g. each image's original
         size; then a list of 2-D maps unless all sizes are equal). Scores are
-        always the maximum of the map at the input size."""
+        always the maximum of the map at the input size. ``progress``: a
+        kdjax.progress.Progress advanced per batch."""
         images = self._check_images(images)
         weights, norm = self.weights, self.norm
 
         def run(idx, size):
             fn = self._forward_fn(size, weights, norm)
             return devices.map_batches(lambda x: fn(self.params, self.state, self.frozen, x),
-                                       images[idx], self.batch, self.mesh)
+                                       images[idx], self.batch, self.mesh, progress=progress)
         return self._grouped(len(images), sizes, run)
 
     def _grouped(self, n: int, sizes, run):

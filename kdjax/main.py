@@ -287,6 +287,9 @@ def _run(argv) -> None:
 
 
 def main(argv):
+    from kdjax import console
+
+    console.install()  # other libraries' INFO lines: log.txt only, unless --verbosity
     try:
         _run(argv)
     except KeyboardInterrupt as e:

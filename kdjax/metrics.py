@@ -521,8 +521,10 @@ def au_spro(maps, regions, fpr_limits: Iterable[float] = SPRO_FPR_LIMITS,
 # ---------------------------------------------------------------------------
 
 def mvtec_ad_metrics(maps, labels, masks, per_image_pro: bool = True,
-                     names: Optional[Sequence[str]] = None) -> Dict[str, float]:
-    """image_auroc, f1_max, pixel_auroc, au_pro (official) and au_pro_per_image (RD4AD)."""
+                     names: Optional[Sequence[str]] = None,
+                     curves: Optional[dict] = None) -> Dict[str, float]:
+    """image_auroc, f1_max, pixel_auroc, au_pro (official) and au_pro_per_image (RD4AD).
+    ``curves``: a dict that receives ``"pro"``: the exact PRO curve (fpr, pro)."""
     masks_l, maps_l = _prepare_pixel(masks, maps, names)
     labels = np.asarray(labels).astype(int).ravel()
     if labels.size != len(maps_l):
@@ -539,7 +541,10 @@ def mvtec_ad_metrics(maps, labels, masks, per_image_pro: bool = True,
     else:
         ok.sort()
         out["pixel_auroc"] = _auroc_from_values(ok, vals)
-        out["au_pro"] = area_under_curve(*_exact_curve(ok, vals, wts), 0.3) / 0.3
+        curve = _exact_curve(ok, vals, wts)
+        out["au_pro"] = area_under_curve(*curve, 0.3) / 0.3
+        if curves is not None:
+            curves["pro"] = curve
     if per_image_pro:
         out["au_pro_per_image"] = au_pro_per_image(masks_l, maps_l, labels, names=names)
     return out
@@ -553,14 +558,17 @@ def spro_key(limit: float, subset: Optional[str] = None) -> str:
 
 def loco_metrics(maps, labels, anomaly_kinds, regions,
                  names: Optional[Sequence[str]] = None,
-                 fpr_limits: Iterable[float] = SPRO_FPR_LIMITS) -> Dict[str, float]:
+                 fpr_limits: Iterable[float] = SPRO_FPR_LIMITS,
+                 curves: Optional[dict] = None) -> Dict[str, float]:
     """MVTec LOCO AD metrics, per docs/METRICS.md.
 
     logical_auroc (good + logical images), structural_auroc (good + structural),
     image_auroc = their mean (as LOCO papers report it), image_auroc_all (all
     anomalous vs good), f1_max (all images), and au_spro_{f}_logical,
     au_spro_{f}_structural, au_spro_{f} (their mean) for every FPR limit f.
-    anomaly_kinds: per image "logical" / "structural" / None (good).
+    anomaly_kinds: per image "logical" / "structural" / None (good). ``curves``: a
+    dict that receives ``"spro_logical"`` / ``"spro_structural"``: the exact sPRO
+    curves (fpr, spro) of au_spro.
     """
     maps_l = as_map_list(maps, "maps")
     n = len(maps_l)
@@ -586,8 +594,14 @@ def loco_metrics(maps, labels, anomaly_kinds, regions,
         idx = np.flatnonzero(sel)
         out[f"{subset}_auroc"] = image_auroc(labels[idx], scores[idx])
         sub_names = [names[i] for i in idx] if names is not None else None
-        per_subset[subset] = au_spro([maps_l[i] for i in idx], [regions[i] for i in idx],
-                                     limits, names=sub_names)
+        curve = spro_curve([maps_l[i] for i in idx], [regions[i] for i in idx], sub_names)
+        if curve is None:  # = au_spro(...), keeping the curve
+            per_subset[subset] = {f: NAN for f in limits}
+        else:
+            per_subset[subset] = {f: a / f for f, a in
+                                  zip(limits, areas_under_curve(*curve, limits))}
+            if curves is not None:
+                curves[f"spro_{subset}"] = curve
     out["image_auroc"] = 0.5 * (out["logical_auroc"] + out["structural_auroc"])
     out["image_auroc_all"] = image_auroc(labels, scores)
     out["f1_max"] = f1_max(labels, scores)

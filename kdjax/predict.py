@@ -144,9 +144,11 @@ def _out_name(path: str, common: str) -> str:
 
 def predict_cli(workdir: str, input_spec: str, output: Optional[str] = None,
                 category: Optional[str] = None, write_maps: bool = False,
-                max_overlays: int = 100, chunk: int = 64) -> dict:
-    """``--mode=predict``: score image files with ``<workdir>``'s model; returns a summary."""
-    from kdjax import progress, viz
+                max_overlays: int = 100, chunk: int = 64, gallery: bool = True) -> dict:
+    """``--mode=predict``: score image files with ``<workdir>``'s model; returns a summary.
+    ``gallery``: also write ``<output>/report.html`` (kdjax.report.write_gallery) with a
+    thumbnail of every scored image."""
+    from kdjax import progress, report, viz
 
     if not input_spec:
         raise ConfigError("--mode=predict needs --input=<file | folder | glob> of images.")
@@ -157,8 +159,10 @@ def predict_cli(workdir: str, input_spec: str, output: Optional[str] = None,
     common = os.path.commonpath([os.path.dirname(os.path.abspath(x)) for x in paths])
     resolution = p.model.resolution
     threshold = p.threshold
-    rows, skipped, overlays = [], [], 0
-    bar = progress.Progress(len(paths), f"[{p.category}] predict", unit="img")
+    rows, skipped, overlays, entries = [], [], 0, []
+    thumb = int((p.config.get("report", None) or {}).get("thumbnail_size", 160))
+    lo_hi = None  # the gallery's colour scale, fixed by the first chunk
+    bar = progress.Progress(len(paths), f"[{p.category}] predict", unit="img", summary=False)
     for i in range(0, len(paths), chunk):
         part = paths[i:i + chunk]
         images, kept, bad, sizes = p.load(part, on_corrupt="skip")
@@ -170,6 +174,8 @@ def predict_cli(workdir: str, input_spec: str, output: Optional[str] = None,
         maps_out = (p.original_maps(images, sizes)[0] if write_maps and resolution == "original"
                     else maps_in)
         decisions = (scores > threshold) if threshold is not None else [False] * len(scores)
+        if gallery and lo_hi is None:  # as the evaluation's report: threshold at 2/3
+            lo_hi = report.colour_range(maps_in, threshold)
         for j, path in enumerate(kept):
             name = _out_name(os.path.abspath(path), common)
             rows.append({"path": path, "category": p.category, "score": float(scores[j]),
@@ -186,6 +192,17 @@ def predict_cli(workdir: str, input_spec: str, output: Optional[str] = None,
                 viz.save_overlay(os.path.join(out, "overlays", name + ".png"), images[j],
                                  maps_in[j], float(scores[j]), threshold)
                 overlays += 1
+            if gallery:
+                rel = f"{report.FILES}/{len(entries):05d}.jpg"
+                os.makedirs(os.path.join(out, report.FILES), exist_ok=True)
+                report._save_jpeg(report.strip(images[j], maps_in[j], lo_hi[0], lo_hi[1], thumb,
+                                               ground_truth=False), os.path.join(out, rel))
+                entries.append({"name": os.path.relpath(os.path.abspath(path), common),
+                                "type": os.path.dirname(os.path.relpath(os.path.abspath(path),
+                                                                        common)) or ".",
+                                "kind": "scored", "label": None, "score": float(scores[j]),
+                                "pred": None if threshold is None else int(decisions[j]),
+                                "img": rel})
         bar.update(len(part))
     bar.close()
     csv_path = os.path.join(out, "predictions.csv")
@@ -195,12 +212,18 @@ def predict_cli(workdir: str, input_spec: str, output: Optional[str] = None,
         w.writeheader()
         w.writerows(rows)
     n_anom = sum(r["is_anomalous"] for r in rows)
+    html_path = None
+    if gallery and entries:
+        html_path = report.write_gallery(out, p.category, entries, threshold,
+                                         f"kdjax predictions: {p.category} ({input_spec})")
     log.info("[%s] %d images scored, %d anomalous (threshold %s), %d skipped%s; wrote %s",
              p.category, len(rows), n_anom, "none" if threshold is None else f"{threshold:.5g}",
              len(skipped), (" (" + ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
                             + ")") if skipped else "", csv_path)
+    if html_path:
+        log.info("[%s] gallery: %s", p.category, html_path)
     return {"csv": csv_path, "scored": len(rows), "anomalous": n_anom, "skipped": skipped,
-            "output": out}
+            "output": out, "report": html_path}
 
 
 def export_cli(workdir: str, output: Optional[str] = None, category: Optional[str] = None,

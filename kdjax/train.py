@@ -98,12 +98,13 @@ def make_train_fn(method, tx, mesh: Mesh, batch: int, n_steps: int):
     return backends.jit(run, donate_argnums=(0,))
 
 
-def map_resident(fn, args, data: jax.Array, batch: int, mesh: Mesh):
+def map_resident(fn, args, data: jax.Array, batch: int, mesh: Mesh, progress=None):
     """``fn(args, x)`` (jittable; ``x`` a uint8 batch, the outputs a pytree of arrays
     with the batch axis first) over every image of the device-resident ``data``, in
     batches of ``batch`` sharded over the mesh (the last batch overlaps the one
     before it, so one compiled shape serves and nothing is uploaded again); the host
-    outputs, ``len(data)`` rows."""
+    outputs, ``len(data)`` rows. ``progress``: a kdjax.progress.Progress, advanced by
+    each batch's new images."""
     n = int(data.shape[0])
     b = max(1, min(int(batch), n))
     in_sh = NamedSharding(mesh, batch_spec(mesh, b))
@@ -118,6 +119,8 @@ def map_resident(fn, args, data: jax.Array, batch: int, mesh: Mesh):
         start = min(i, n - b)
         out = jax.device_get(jrun(args, data, jnp.int32(start)))
         parts.append(jax.tree_util.tree_map(lambda a, k=i - start: np.asarray(a)[k:], out))
+        if progress is not None:
+            progress.update(min(b, n - i))
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a, 0), *parts)
 
 
@@ -160,8 +163,11 @@ def build_teacher_cache(config, method, frozen, data: jax.Array, mesh: Mesh):
         log.info("Teacher cache not used: %.2f GiB for %d images exceeds "
                  "train.cache_teacher_max_gb=%.1f; the teacher runs in every step.", gb, n, limit)
         return None
-    host = map_resident(lambda f, x: method.teacher_cache(f, ops.normalize_images(x)), frozen,
-                        data, int(config.eval.batch_size), mesh)
+    from kdjax.progress import Progress
+
+    with Progress(n, f"[{config.data.category}] teacher cache", unit="img", summary=False) as bar:
+        host = map_resident(lambda f, x: method.teacher_cache(f, ops.normalize_images(x)),
+                            frozen, data, int(config.eval.batch_size), mesh, progress=bar)
     log.info("Teacher cache: %.2f GiB for %d training images (train.cache_teacher).", gb, n)
     repl = NamedSharding(mesh, P())  # every process can read it (several hosts included)
     return jax.tree_util.tree_map(lambda a: put_global(a, repl), host)
@@ -190,12 +196,14 @@ def init_train_state(config, method, teacher_variables, cat: CategoryData, mesh:
 
 
 def train_category(config, method, teacher_variables, cat: CategoryData, ckpt_dir: str,
-                   mesh: Mesh, train: bool = True, metrics_path: Optional[str] = None):
+                   mesh: Mesh, train: bool = True, metrics_path: Optional[str] = None,
+                   monitor=None):
     """Train (or resume, or just restore) one category; returns (ts, frozen).
 
     The training images are put on the devices once; the method's statistics of
     the training set (:func:`prepare_state`, skipped when a checkpoint is restored)
-    and the teacher cache are computed from that resident copy."""
+    and the teacher cache are computed from that resident copy. ``monitor``: a
+    kdjax.monitor.Monitor (progress bar, training line, TensorBoard)."""
     if train:  # a rerun with other training settings would mix two trainings
         checkpoints.check_training_config(ckpt_dir, config)
     ts, frozen, tx, steps = init_train_state(config, method, teacher_variables, cat, mesh)
@@ -241,6 +249,10 @@ def train_category(config, method, teacher_variables, cat: CategoryData, ckpt_di
     next_ckpt = (start // ckpt_every + 1) * ckpt_every
     if metrics_path and jax.process_index() == 0:
         _drop_metrics_after(metrics_path, cat.category, start)  # steps redone after a resume
+    from kdjax.monitor import Monitor, learning_rates
+
+    mon = monitor or Monitor()
+    mon.train_begin(cat.category, start, steps, batch)
     stop = _StopOnSigint()
     try:
         while step < steps:
@@ -255,14 +267,13 @@ def train_category(config, method, teacher_variables, cat: CategoryData, ckpt_di
                 raise TrainingDivergedError(_diverged_message(config, cat.category, losses,
                                                               bad, mngr.latest_step(), ckpt_dir))
             step += n
+            mon.train_step(step, float(losses[-1]))
             if step - last_log >= int(config.train.log_every) or step == steps:
                 now = time.time()
                 ips = (step - last_log) * batch / max(now - t_log, 1e-9)
-                eta = (steps - step) * batch / max(ips, 1e-9)
                 means = {k: float(np.mean(np.asarray(v)))
                          for k, v in jax.device_get(metrics).items()}
-                log.info("[%s] step %d/%d loss %.5f  %.1f img/s  ETA %s", cat.category, step,
-                         steps, means["loss"], ips, _fmt_time(eta))
+                mon.train_log(step, means, ips, learning_rates(method, step, steps))
                 if metrics_path and jax.process_index() == 0:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"category": cat.category, "step": step,
@@ -283,6 +294,7 @@ def train_category(config, method, teacher_variables, cat: CategoryData, ckpt_di
         raise
     finally:
         stop.restore()
+        mon.train_end()
     checkpoints.keep_only_latest(mngr)
     mngr.close()
     log.info("[%s] trained in %s", cat.category, _fmt_time(time.time() - t0))

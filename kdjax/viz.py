@@ -136,29 +136,56 @@ def overlay_figure(path: str, images, maps, labels, scores, indices: Sequence[in
     return path
 
 
+def heat_overlay(image: np.ndarray, amap: np.ndarray, lo: float, hi: float,
+                 alpha: float = 0.5) -> np.ndarray:
+    """uint8 RGB: the anomaly map (jet, ``lo`` .. ``hi``) over the image, ``alpha`` of it;
+    the map is resized (bilinear) to the image when their sizes differ."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    img = _to_display_image(np.asarray(image))
+    img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    h, w = img.shape[:2]
+    m = np.clip((np.asarray(amap, np.float32) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    if m.shape != (h, w):
+        m = np.asarray(Image.fromarray(m).resize((w, h), Image.BILINEAR))
+    heat = (colormaps["jet"](m)[..., :3] * 255).astype(np.float32)
+    return ((1 - alpha) * img.astype(np.float32) + alpha * heat).astype(np.uint8)
+
+
+def mask_overlay(image: np.ndarray, mask: Optional[np.ndarray]) -> np.ndarray:
+    """uint8 RGB: the image dimmed, with the ground-truth mask's pixels in red; without a
+    mask (None) a plain grey panel."""
+    from PIL import Image
+
+    img = (_to_display_image(np.asarray(image)) * 255).astype(np.float32)
+    h, w = img.shape[:2]
+    if mask is None:
+        return np.full((h, w, 3), 200, np.uint8)
+    m = np.asarray(mask, np.float32)
+    if m.shape != (h, w):
+        m = np.asarray(Image.fromarray(m).resize((w, h), Image.NEAREST))
+    m = (m > 0.5)[..., None]
+    out = np.where(m, 0.35 * img + 0.65 * np.array([255.0, 0.0, 0.0]), 0.45 * img)
+    return out.astype(np.uint8)
+
+
 def save_overlay(path: str, image: np.ndarray, amap: np.ndarray, score: float,
                  threshold: Optional[float] = None) -> str:
     """One PNG: the image | the anomaly map over it (jet, 50%), with the score and the
     decision in a caption. The colour scale is fixed by the threshold (0 .. 1.5 x
     threshold; red means above it) so that images are comparable; without a
     threshold it spans the map's own range."""
-    from matplotlib import colormaps
     from PIL import Image, ImageDraw
 
-    img = _to_display_image(np.asarray(image))
-    if img.dtype != np.uint8:
-        img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    img = (np.clip(_to_display_image(np.asarray(image)), 0, 1) * 255).astype(np.uint8)
     h, w = img.shape[:2]
     m = np.asarray(amap, np.float32)
     if threshold is not None and threshold > 0:
         lo, hi = 0.0, 1.5 * float(threshold)
     else:
         lo, hi = float(m.min()), float(m.max())
-    m = np.clip((m - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
-    if m.shape != (h, w):
-        m = np.asarray(Image.fromarray(m).resize((w, h), Image.BILINEAR))
-    heat = (colormaps["jet"](m)[..., :3] * 255).astype(np.float32)
-    blend = (0.5 * img.astype(np.float32) + 0.5 * heat).astype(np.uint8)
+    blend = heat_overlay(img, m, lo, hi)
     bar = 18
     canvas = Image.new("RGB", (2 * w, h + bar), (255, 255, 255))
     canvas.paste(Image.fromarray(img), (0, bar))

@@ -68,6 +68,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def setup_logging(workdir: str) -> None:
+    """kdjax's lines on the console (kdjax/console.py decides what else shows there);
+    every logger's INFO lines in ``<workdir>/log.txt``."""
+    from kdjax import console
+
     os.makedirs(workdir, exist_ok=True)
     log.setLevel(logging.INFO)
     # Console output: through the root logger when the application configured one
@@ -79,13 +83,5 @@ def setup_logging(workdir: str) -> None:
         h = logging.StreamHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(h)
-    path = os.path.abspath(os.path.join(workdir, "log.txt"))
-    for h in list(log.handlers):
-        if isinstance(h, logging.FileHandler):
-            log.removeHandler(h)
-            h.close()
-    fh = logging.FileHandler(path)
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(fh)
-
-
+    console.install()
+    console.attach_log_file(os.path.join(workdir, "log.txt"))

@@ -263,3 +263,38 @@ def mini_visa_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mini_mvtec_ad2_root(tmp_path_factory):
     return make_mvtec_ad2(tmp_path_factory.mktemp("mvtec_ad2"))
+
+# One tiny demo run through the command line, shared by the report, TensorBoard and
+# console tests (tests/test_report_html.py, test_tensorboard.py, test_console.py): the
+# same overrides as tests/test_model.py's demo run, so its compiled functions come from
+# the shared compilation cache.
+TINY_DEMO_ARGS = ["--config.teacher.weights=random", "--config.teacher.allow_random=True",
+                  "--config.train.steps=2", "--config.train.batch_size=2",
+                  "--config.train.steps_per_call=2", "--config.train.checkpoint_every=1",
+                  "--config.train.log_every=2", "--config.eval.batch_size=4",
+                  "--config.eval.num_figures=2", "--config.teacher.width_divisor=16",
+                  "--config.data.image_size=32"]
+
+
+def run_cli(*args, expect=0, env=None, timeout=900):
+    """``python -m kdjax.main ARGS`` in a subprocess from the repository root, stdout and
+    stderr captured (not a terminal: progress is plain lines); asserts the exit status."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full_env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
+    p = subprocess.run([sys.executable, "-m", "kdjax.main", *args], cwd=repo, env=full_env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == expect, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    return p
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, tiny_synthetic_root):
+    """``python -m kdjax.main --config=configs/demo.py --workdir=W`` at tiny size, run
+    once: (W, the completed process). Tests must not change W (copy it first)."""
+    wd = str(tmp_path_factory.mktemp("demo_run") / "w")
+    p = run_cli("--config=configs/demo.py", f"--workdir={wd}", *TINY_DEMO_ARGS,
+                f"--config.data.root={tiny_synthetic_root}", *TINY_SYNTHETIC_ARGS)
+    return wd, p

@@ -124,6 +124,20 @@ def test_trained_model_predicts_and_exports_through_the_cli(name, roots, tmp_pat
         assert m.dtype == np.float16 and m.shape == (36, 52)  # the original size
         assert png.shape == (36, 52) and set(np.unique(png)) <= {0, 255}
 
+    # The HTML report (every test image in its gallery, the paper's numbers beside ours)
+    # and TensorBoard (tests/test_report_html.py and test_tensorboard.py look closer).
+    rep = json.load(open(os.path.join(wd, "report_files", f"{cat}.json")))
+    from kdjax import data
+
+    n_test = len(data.list_records(c.data.dataset, c_root(roots, c), cat, "test"))
+    assert len(rep["entries"]) == n_test and rep["roc"] and rep["pro"]
+    assert all(os.path.exists(os.path.join(wd, e["img"])) for e in rep["entries"])
+    page = open(os.path.join(wd, "report.html")).read()
+    assert page.count('<div class="card') == n_test and 'class="result-row mean"' in page
+    assert ("class=paper" in page) == bool(c.targets)
+    assert glob.glob(os.path.join(wd, "tensorboard", "**", cat, "events.out.tfevents.*"),
+                     recursive=True)
+
     # Predictor: without the config file, the dataset or an optimizer.
     test_dir, files = test_files(roots, c, cat)
     p = Predictor.from_workdir(wd)

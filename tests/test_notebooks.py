@@ -133,6 +133,57 @@ def test_committed_notebook_is_clean(name):
         assert f"\n{key} = " in "\n" + tagged[0].source, f"{name}: parameter {key} missing"
 
 
+_SIMULATE_INSTALL = r"""
+import importlib.util, json, re, sys
+from importlib import metadata
+src = open(sys.argv[1]).read()
+shell = []  # IPython's "!cmd" lines: recorded, not run
+src = re.sub(r"^(\s*)!(.*)$",
+             lambda m: m.group(1) + "shell.append(f" + repr(m.group(2).strip()) + ")",
+             src, flags=re.M)
+real_spec, real_version = importlib.util.find_spec, metadata.version
+hidden = set(json.loads(sys.argv[2]))  # distributions to treat as not installed
+def find_spec(name, *a, **k):  # kdjax is not installed: the cell must find the copy
+    return None if name == "kdjax" and "kdjax" not in sys.modules else real_spec(name, *a, **k)
+def version(dist):
+    if dist in hidden:
+        raise metadata.PackageNotFoundError(dist)
+    return real_version(dist)
+importlib.util.find_spec, metadata.version = find_spec, version
+ns = {"shell": shell, "__name__": "__main__"}
+exec(compile(src, "install cell", "exec"), ns)
+print(json.dumps({"kdjax": ns["kdjax"].__file__, "KDJAX_DIR": ns["KDJAX_DIR"], "shell": shell}))
+"""
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_install_cell_finds_an_uploaded_copy(name, tmp_path):
+    """The install cell with kdjax not installed, run where a zip of the repository was
+    uploaded (as on Colab): it unzips and uses that copy without any edit, keeps the
+    runtime's jax, and pip-installs only the missing dependencies (pip is not run here)."""
+    import subprocess
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "kdjax-main.zip", "w") as z:
+        for rel in ("pyproject.toml", "kdjax/__init__.py", "configs/demo.py"):
+            z.write(os.path.join(REPO, rel), "kdjax-main/" + rel)
+    cell = tmp_path / "cell.py"
+    cell.write_text(_read(name).cells[1].source)
+    script = tmp_path / "simulate.py"
+    script.write_text(_SIMULATE_INSTALL)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, str(script), str(cell), json.dumps(["ml-collections"])],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    copy = str(tmp_path / "kdjax-main" / "kdjax-main")
+    assert out["KDJAX_DIR"] == copy and out["kdjax"].startswith(copy)
+    (pip,) = out["shell"]
+    assert pip.startswith("pip install") and '"ml-collections' in pip
+    assert "jax[" not in pip and "-c " in pip  # the runtime's jax is kept (pinned)
+    assert "Keeping this runtime's jax" in p.stdout
+
+
 def test_quickstart_runs(kernel_env, tmp_path):
     workdir = tmp_path / "run"
     nb = _execute("quickstart", dict(TINY["quickstart"], WORKDIR=str(workdir)), tmp_path)

@@ -199,6 +199,11 @@ class Method:
         t = self.config.train
         return optax.adam(learning_rate, b1=float(t.get("b1", 0.9)), b2=float(t.get("b2", 0.999)))
 
+    def learning_rates(self, step: int, total_steps: int) -> Dict[str, float]:
+        """The learning rate(s) of :meth:`optimizer` at ``step``, as host floats (for the
+        training log and TensorBoard; never read inside the jitted step)."""
+        return {"learning_rate": float(self.config.train.learning_rate)}
+
     # --- training ---------------------------------------------------------
     def training_images(self) -> Dict[str, Dict[str, Any]]:
         """Image sets besides the training images that ``loss`` reads from

@@ -245,6 +245,12 @@ class CAD(RD4AD):
             {"local": base, "global": self.adam(glr)},
             lambda params: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in params.items()})
 
+    def learning_rates(self, step: int, total_steps: int):
+        out = super().learning_rates(step, total_steps)
+        if float(self.cad.global_learning_rate) >= 0:
+            out["learning_rate_global"] = float(self.cad.global_learning_rate)
+        return out
+
     def init(self, rng, image_shape, teacher_variables):
         from kdjax.models.cad import host_init
         from kdjax.models.torch_init import seed_of

@@ -277,6 +277,12 @@ class EfficientAD(Method):
                             weight_decay=float(t.get("weight_decay", 0.0)),
                             b1=float(t.get("b1", 0.9)), b2=float(t.get("b2", 0.999)))
 
+    def learning_rates(self, step: int, total_steps: int):
+        """StepLR's rate: train.learning_rate, times 0.1 from 0.95 * total_steps on."""
+        lr = float(self.config.train.learning_rate)
+        step_size = int(0.95 * int(total_steps))
+        return {"learning_rate": lr * 0.1 ** (int(step) // step_size) if step_size >= 1 else lr}
+
     # --- forward pieces ---------------------------------------------------
     def _teacher_raw(self, frozen, images, module=None):
         return (module or self.teacher).apply(frozen["teacher"], images).astype(jnp.float32)
