@@ -71,13 +71,13 @@ def color_jitter_ae(images: jax.Array, rng: jax.Array, strength: float = 0.2) ->
     return ((out - mean) / std).astype(images.dtype)
 
 
-def penalty_batch(penalty_u8: jax.Array, rng: jax.Array, n: int, gray_p: float,
-                  dtype=jnp.float32) -> jax.Array:
-    """``n`` random penalty images, each grayscale with probability ``gray_p``, normalized."""
-    k_idx, k_gray = jax.random.split(rng)
-    idx = jax.random.randint(k_idx, (n,), 0, penalty_u8.shape[0])
-    x = penalty_u8[idx].astype(jnp.float32) / 255.0
-    to_gray = jax.random.uniform(k_gray, (n,)) < gray_p
+def penalty_images(images_u8: jax.Array, rng: jax.Array, gray_p: float,
+                   dtype=jnp.float32) -> jax.Array:
+    """EfficientAD's penalty images (uint8 NHWC, drawn by the engine), each grayscale with
+    probability ``gray_p`` (RandomGrayscale), ImageNet-normalized."""
+    n = images_u8.shape[0]
+    x = images_u8.astype(jnp.float32) / 255.0
+    to_gray = jax.random.uniform(rng, (n,)) < gray_p
     x = jnp.where(to_gray[:, None, None, None], jnp.broadcast_to(grayscale(x), x.shape), x)
     mean = jnp.asarray(ops.IMAGENET_MEAN, jnp.float32)
     std = jnp.asarray(ops.IMAGENET_STD, jnp.float32)

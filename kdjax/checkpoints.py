@@ -80,6 +80,7 @@ _NOT_TRAINING = ("eval", "report", "variants", "targets", "targets_by", "targets
                  "train.checkpoint_every", "train.keep_checkpoints", "train.steps_per_call",
                  "train.restart", "train.cache_teacher",
                  "train.cache_teacher_max_gb", "data.val_fraction", "teacher.allow_random",
+                 "data.input", "data.cache", "train.resident_max_gb",
                  "data.source", "data.tfds_dir", "data.mask_resize")
 
 

@@ -60,6 +60,14 @@ def base_config(method: str = "rd4ad") -> ml_collections.ConfigDict:
     c.data.category = "bottle"  # one name, a comma-separated list, or "all"
     c.data.image_size = 256
     c.data.on_corrupt = "raise"  # raise | skip (a corrupt image file)
+    # The training images on the devices ("resident": decoded once, batches gathered on
+    # the device) or streamed from a tf.data pipeline ("stream": decoded while training,
+    # for sets larger than a device holds); "auto": resident when the resized set fits
+    # train.resident_max_gb per device. EfficientAD's penalty images follow the same rule.
+    c.data.input = "auto"
+    # A folder for the decoded, resized uint8 images (ArrayRecord, written once per set
+    # and preprocessing), so that streamed epochs and later runs skip the decoding.
+    c.data.cache = ""
     # MVTec AD / folder datasets: the seeded fraction of train/good held out as a validation
     # set (map normalization, decision threshold); 0: none. LOCO has its own validation/.
     c.data.validation_fraction = DEFAULT_VALIDATION_FRACTION
@@ -108,6 +116,7 @@ def base_config(method: str = "rd4ad") -> ml_collections.ConfigDict:
     # that forward pass. Off above this many GiB per device (the teacher runs each step).
     c.train.cache_teacher = True
     c.train.cache_teacher_max_gb = 4.0
+    c.train.resident_max_gb = 4.0  # data.input=auto: the largest resident image set per device
     # Start this workdir's training over (discard its checkpoints) instead of resuming.
     c.train.restart = False
 
@@ -474,6 +483,10 @@ def _check_train(config) -> None:
         v = _number(config, key, int)
         if v < 1:
             raise ConfigError(f"{key}={v}: must be >= 1 ({what}).")
+    gb = _number(config, "train.resident_max_gb", default=4.0)
+    if not gb >= 0:
+        raise ConfigError(f"train.resident_max_gb={gb}: must be >= 0 (GiB per device; 0 streams "
+                          "every set with data.input=auto).")
     if t.compute_dtype not in COMPUTE_DTYPES:
         raise ConfigError(
             f"train.compute_dtype={t.compute_dtype!r}: must be 'float32' or 'bfloat16'.")

@@ -85,8 +85,11 @@ def build_model(config, method, teacher: teacher_lib.Teacher, ts, frozen, cat: C
         if val_scores is not None:
             val_labels = np.array([int(r.label) for r in cat.val_records])
         else:
-            with bar(cat.train) as b:
-                train_scores = model.predict(cat.train, progress=b)[1]
+            chunk = max(int(config.eval.batch_size), 64)
+            with Progress(cat.n_train, f"[{cat.category}] calibration", "img",
+                          summary=False) as b:
+                train_scores = np.concatenate([model.predict(x, progress=b)[1]
+                                               for x in cat.train_chunks(chunk)])
     where = ("validation split" if dataset_spec(config.data.dataset).has_validation_split
              else "held-out training images, data.validation_fraction")
     model.threshold = inference.choose_threshold(config, val_scores, val_labels, train_scores,

@@ -48,51 +48,122 @@ class TrainingInterrupted(KeyboardInterrupt):
 # Training
 # ---------------------------------------------------------------------------
 
+def steps_per_epoch(n: int, batch: int) -> int:
+    """Optimizer steps of one epoch: ceil(n / batch), as the reference code's DataLoader
+    (drop_last=False): every image exactly once, the last batch holding the rest."""
+    return max(1, -(-int(n) // int(batch)))
+
+
 def total_steps(config, n_train: int) -> int:
     if int(config.train.steps) > 0:
         return int(config.train.steps)
-    per_epoch = max(1, n_train // int(config.train.batch_size))
-    return per_epoch * int(config.train.epochs)
+    return steps_per_epoch(n_train, int(config.train.batch_size)) * int(config.train.epochs)
 
 
-def batch_indices(key, step, n: int, batch: int):
-    """Indices of the global batch at ``step``: a fresh permutation every epoch
-    (drop-last), derived from the step alone so a resumed run sees the same data."""
-    if n >= batch:
-        per_epoch = n // batch
-        epoch, pos = step // per_epoch, step % per_epoch
-        perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
-        return jax.lax.dynamic_slice(perm, (pos * batch,), (batch,))
-    return jax.random.choice(jax.random.fold_in(key, step), n, (batch,), replace=True)
+def step_batch_size(step: int, n: int, batch: int) -> int:
+    """The batch size of ``step``: ``batch``, or ``n % batch`` at the last step of an
+    epoch (``n`` when the set is smaller than one batch)."""
+    full, rest = divmod(int(n), int(batch))
+    return rest if rest and int(step) % steps_per_epoch(n, batch) == full else int(batch)
 
 
-def make_train_fn(method, tx, mesh: Mesh, batch: int, n_steps: int):
-    """A jitted function ``run(ts, data, frozen, key, cache=None) -> (ts, metrics)``
-    running ``n_steps`` optimizer steps on the device. ``cache``: the method's
-    :meth:`teacher_cache` of every resident training image (see
-    :func:`build_teacher_cache`); each step passes its batch's rows to the loss."""
-    data_sharding = NamedSharding(mesh, batch_spec(mesh, batch))
+def uniform_run(step: int, n: int, batch: int, limit: int) -> int:
+    """How many consecutive steps from ``step`` (at most ``limit``) share its batch size:
+    one compiled function runs them (the smaller last batch of an epoch is a call of
+    its own)."""
+    full, rest = divmod(int(n), int(batch))
+    if not rest:
+        return int(limit)
+    pos = int(step) % steps_per_epoch(n, batch)
+    return 1 if pos == full else min(int(limit), full - pos)
 
-    def one_step(carry, _):
-        ts, data, frozen, key, cache = carry
+
+# The keys of a run's random streams, functions of (config.seed, step) alone, so a
+# resumed run draws what an uninterrupted one does: the epoch permutations, the loss's
+# randomness (augmentations, masks), the extra images of a step (EfficientAD's penalty).
+def data_key(key):
+    return jax.random.fold_in(key, 0)
+
+
+def loss_key(key, step):
+    return jax.random.fold_in(jax.random.fold_in(key, 1), step)
+
+
+def extra_indices(key, step, count: int, n: int):
+    """Indices of the ``count`` extra images (of ``n``) of ``step``."""
+    return jax.random.randint(jax.random.fold_in(jax.random.fold_in(key, 2), step), (count,),
+                              0, n)
+
+
+def batch_indices(key, step, n: int, size: int, batch: int):
+    """Indices of the global batch at ``step`` (``size`` =
+    :func:`step_batch_size`): every epoch a fresh permutation of the ``n`` images from
+    ``fold_in(data_key, epoch)``, cut into batches of ``batch`` and a last smaller one;
+    derived from the step alone so a resumed run sees the same data. Jittable (``size``,
+    ``n`` and ``batch`` static)."""
+    spe = steps_per_epoch(n, batch)
+    epoch, pos = step // spe, step % spe
+    perm = jax.random.permutation(jax.random.fold_in(data_key(key), epoch), n)
+    return jax.lax.dynamic_slice(perm, (pos * batch,), (size,))
+
+
+def make_train_fn(method, tx, mesh: Mesh, batch: int, n_steps: int, size: Optional[int] = None,
+                  stream: bool = False):
+    """A jitted function ``run(ts, inputs, frozen, key) -> (ts, metrics)`` running
+    ``n_steps`` optimizer steps of ``size`` images each (default ``batch``; the smaller
+    last batch of an epoch gets a function of its own) on the device.
+
+    ``inputs``, resident (``stream=False``): {"data": the resident uint8 training
+    images, "cache": the method's :meth:`teacher_cache` of each of them or None
+    (:func:`build_teacher_cache`), "extra": {name: resident image set} or {}}; each
+    step gathers its batch (:func:`batch_indices`) and as many images of each extra
+    set (:func:`extra_indices`). Streamed: {"batches": uint8 (n_steps, size, S, S, 3),
+    "extra": {name: uint8 (n_steps, size, S, S, 3)}}, the same images gathered on the
+    host (kdjax/data/pipeline.py)."""
+    size = int(batch if size is None else size)
+    data_sharding = NamedSharding(mesh, batch_spec(mesh, size))
+
+    def loss_and_update(ts, frozen, images_u8, key, cached, extra):
         step = ts["step"]
-        k_data, k_loss = jax.random.split(jax.random.fold_in(key, step))
-        idx = batch_indices(k_data, step, data.shape[0], batch)
-        images = jax.lax.with_sharding_constraint(ops.normalize_images(data[idx]), data_sharding)
+        images = jax.lax.with_sharding_constraint(ops.normalize_images(images_u8), data_sharding)
         kwargs = {}
-        if cache is not None:
-            kwargs["cached"] = jax.tree_util.tree_map(
-                lambda a: jax.lax.with_sharding_constraint(a[idx], data_sharding), cache)
+        if cached is not None:
+            kwargs["cached"] = cached
+        if extra:
+            kwargs["extra"] = extra
         (loss, (new_state, metrics)), grads = jax.value_and_grad(method.loss, has_aux=True)(
-            ts["params"], ts["state"], frozen, images, k_loss, **kwargs)
+            ts["params"], ts["state"], frozen, images, loss_key(key, step), **kwargs)
         updates, opt_state = tx.update(grads, ts["opt_state"], ts["params"])
         params = optax.apply_updates(ts["params"], updates)
         new_ts = {"step": step + 1, "params": params, "state": new_state, "opt_state": opt_state}
-        return (new_ts, data, frozen, key, cache), {**metrics, "loss": loss}
+        return new_ts, {**metrics, "loss": loss}
 
-    def run(ts, data, frozen, key, cache=None):
-        (ts, _, _, _, _), metrics = jax.lax.scan(one_step, (ts, data, frozen, key, cache), None,
-                                                 length=n_steps)
+    def resident_step(carry, _):
+        ts, inputs, frozen, key = carry
+        data, cache, extra_sets = inputs["data"], inputs["cache"], inputs["extra"]
+        step = ts["step"]
+        idx = batch_indices(key, step, data.shape[0], size, batch)
+        cached = None
+        if cache is not None:
+            cached = jax.tree_util.tree_map(
+                lambda a: jax.lax.with_sharding_constraint(a[idx], data_sharding), cache)
+        extra = {k: v[extra_indices(key, step, size, v.shape[0])]
+                 for k, v in extra_sets.items()}
+        ts, metrics = loss_and_update(ts, frozen, data[idx], key, cached, extra)
+        return (ts, inputs, frozen, key), metrics
+
+    def streamed_step(carry, xs):
+        ts, frozen, key = carry
+        ts, metrics = loss_and_update(ts, frozen, xs["batches"], key, None, xs["extra"])
+        return (ts, frozen, key), metrics
+
+    def run(ts, inputs, frozen, key):
+        if stream:
+            (ts, _, _), metrics = jax.lax.scan(streamed_step, (ts, frozen, key), inputs,
+                                               length=n_steps)
+        else:
+            (ts, _, _, _), metrics = jax.lax.scan(resident_step, (ts, inputs, frozen, key), None,
+                                                  length=n_steps)
         return ts, metrics
 
     return backends.jit(run, donate_argnums=(0,))
@@ -124,15 +195,30 @@ def map_resident(fn, args, data: jax.Array, batch: int, mesh: Mesh, progress=Non
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a, 0), *parts)
 
 
-def prepare_state(method, frozen, state, data: jax.Array, batch: int, mesh: Mesh):
-    """The state after the method's ``prepare_passes`` over the resident training
-    images: each pass averages :meth:`~kdjax.methods.base.Method.prepare_statistic`
-    over every image (float64 on the host) and hands the means to ``prepare_update``."""
+def map_stream(fn, args, chunks, batch: int, mesh: Mesh):
+    """:func:`map_resident` for streamed images: ``chunks`` an iterator of host uint8
+    arrays (kdjax.data.category.CategoryData.train_chunks)."""
+    from kdjax.devices import map_batches
+
+    jrun = backends.jit(fn, out_shardings=NamedSharding(mesh, P()))
+    parts = [map_batches(lambda x: jrun(args, x), c, batch, mesh) for c in chunks]
+    return jax.tree_util.tree_map(lambda *a: np.concatenate(a, 0), *parts)
+
+
+def prepare_state(method, frozen, state, images, batch: int, mesh: Mesh):
+    """The state after the method's ``prepare_passes`` over the training images (the
+    resident device array, or a function returning an iterator of host chunks when
+    they are streamed): each pass averages
+    :meth:`~kdjax.methods.base.Method.prepare_statistic` over every image (float64 on
+    the host) and hands the means to ``prepare_update``."""
     if not method.prepare_passes:
         return state
     fn = lambda a, x: method.prepare_statistic(a[0], a[1], ops.normalize_images(x))  # noqa: E731
     for index in range(int(method.prepare_passes)):
-        stats = map_resident(fn, (frozen, state), data, batch, mesh)
+        if callable(images):
+            stats = map_stream(fn, (frozen, state), images(), batch, mesh)
+        else:
+            stats = map_resident(fn, (frozen, state), images, batch, mesh)
         means = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64).mean(0), stats)
         state = jax.device_put(method.prepare_update(index, jax.device_get(state), means),
                                NamedSharding(mesh, P()))
@@ -184,7 +270,7 @@ def init_train_state(config, method, teacher_variables, cat: CategoryData, mesh:
     if config.init_from:
         variables = method.import_reference(variables, str(config.init_from))
         log.info("Imported reference checkpoint %s", config.init_from)
-    steps = total_steps(config, len(cat.train))
+    steps = total_steps(config, cat.n_train)
     tx = method.optimizer(steps)
     params = variables["params"]
     ts = {"step": jnp.zeros((), jnp.int32), "params": params, "state": variables["state"],
@@ -195,14 +281,109 @@ def init_train_state(config, method, teacher_variables, cat: CategoryData, mesh:
     return ts, frozen, tx, steps
 
 
+def calls(start: int, steps: int, n: int, batch: int, per_call: int):
+    """(first step, number of steps, batch size) of each host call from ``start`` to
+    ``steps``: at most ``per_call`` steps of one batch size each."""
+    step = int(start)
+    while step < steps:
+        size = step_batch_size(step, n, batch)
+        k = uniform_run(step, n, batch, min(int(per_call), int(steps) - step))
+        yield step, k, size
+        step += k
+
+
+def training_image_sets(config, method, category: str) -> Dict[str, Any]:
+    """The method's extra training image sets (:meth:`Method.training_images`, e.g.
+    EfficientAD's penalty images): each a host uint8 array when it stays resident
+    (``data.input``, ``train.resident_max_gb``), else a streamed ImageSet."""
+    from kdjax.data import penalty
+    from kdjax.data.category import input_mode
+    from kdjax.data.pipeline import ImageSet, build_cache
+
+    out = {}
+    for name, spec in method.training_images().items():
+        size = int(spec["size"])
+        files = penalty.penalty_files(spec["folder"], int(spec["max_images"]), int(spec["seed"]))
+        images = ImageSet(files, size, lambda p, s=size: penalty.load_penalty_image(p, s),
+                          name=name, describe="penalty: resize 2x, centre crop")
+        if config.data.get("cache", ""):
+            build_cache(images, str(config.data.cache))
+        if input_mode(config, len(images)) == "resident":
+            out[name] = np.concatenate(list(images.chunks(256)), 0)
+            log.info("[%s] %s: %d images from %s (resident)", category, name, len(files),
+                     spec["folder"])
+        else:
+            out[name] = images
+            log.info("[%s] %s: %d images from %s (streamed)", category, name, len(files),
+                     spec["folder"])
+    return out
+
+
+def _local_rows(mesh: Mesh, size: int):
+    """(sharding spec, the rows of a global batch of ``size`` this process holds)."""
+    spec = batch_spec(mesh, size)
+    if spec == P() or jax.process_count() == 1:
+        return spec, np.arange(size)
+    sh = NamedSharding(mesh, spec)
+    rows = sorted({i for idx in sh.addressable_devices_indices_map((size,)).values()
+                   for i in range(*idx[0].indices(size))})
+    return spec, np.asarray(rows)
+
+
+def _stream_inputs(main, sets, key, mesh: Mesh, start: int, steps: int, batch: int,
+                   per_call: int):
+    """(first step, steps, batch size, inputs) of each call, the images gathered on the
+    host by the tf.data pipeline (kdjax/data/pipeline.py) in the order the resident
+    path gathers them on the device (:func:`batch_indices`, :func:`extra_indices`)."""
+    from kdjax.data.pipeline import batch_stream
+
+    n = len(main)
+    plan = list(calls(start, steps, n, batch, per_call))
+    cpu = jax.devices("cpu")[0]
+    perms: Dict[int, np.ndarray] = {}
+
+    def indices(step, size):
+        spe = steps_per_epoch(n, batch)
+        epoch, pos = divmod(step, spe)
+        if epoch not in perms:
+            perms.clear()
+            with jax.default_device(cpu):
+                perms[epoch] = np.asarray(jax.random.permutation(
+                    jax.random.fold_in(data_key(key), epoch), n))
+        idx = perms[epoch][pos * batch:pos * batch + size]
+        with jax.default_device(cpu):
+            ex = {k: np.asarray(extra_indices(key, step, size, len(v))) for k, v in sets.items()}
+        _, rows = _local_rows(mesh, size)
+        return idx[rows], {k: v[rows] for k, v in ex.items()}
+
+    def steps_gen():
+        for s0, k, size in plan:
+            for st in range(s0, s0 + k):
+                yield indices(st, size)
+
+    it = batch_stream(steps_gen(), main, sets)
+    for s0, k, size in plan:
+        items = [next(it) for _ in range(k)]
+        spec, _ = _local_rows(mesh, size)
+        sh = NamedSharding(mesh, P(None, *spec))
+        shape = (k, size, main.size, main.size, 3)
+
+        def glob(a):
+            return jax.make_array_from_process_local_data(sh, a, shape)
+        yield s0, k, size, {"batches": glob(np.stack([b for b, _ in items])),
+                            "extra": {name: glob(np.stack([e[name] for _, e in items]))
+                                      for name in sets}}
+
+
 def train_category(config, method, teacher_variables, cat: CategoryData, ckpt_dir: str,
                    mesh: Mesh, train: bool = True, metrics_path: Optional[str] = None,
                    monitor=None):
     """Train (or resume, or just restore) one category; returns (ts, frozen).
 
-    The training images are put on the devices once; the method's statistics of
-    the training set (:func:`prepare_state`, skipped when a checkpoint is restored)
-    and the teacher cache are computed from that resident copy. ``monitor``: a
+    Resident images (``data.input``) are put on the devices once; the method's
+    statistics of the training set (:func:`prepare_state`, skipped when a checkpoint is
+    restored) and the teacher cache are computed from that copy. Streamed images come
+    from the tf.data pipeline in the same order (no teacher cache). ``monitor``: a
     kdjax.monitor.Monitor (progress bar, training line, TensorBoard)."""
     if train:  # a rerun with other training settings would mix two trainings
         checkpoints.check_training_config(ckpt_dir, config)
@@ -219,12 +400,14 @@ def train_category(config, method, teacher_variables, cat: CategoryData, ckpt_di
             "or evaluate a reference checkpoint with --config.init_from=<file>.")
     start = int(jax.device_get(ts["step"]))
     training = train and start < steps
+    eval_batch = int(config.eval.batch_size)
     data = None
-    if training or (restored is None and method.prepare_passes):
+    if not cat.streamed and (training or (restored is None and method.prepare_passes)):
         data = put_global(cat.train, repl)  # the one upload of the training images
     if restored is None:
-        ts = {**ts, "state": prepare_state(method, frozen, ts["state"], data,
-                                           int(config.eval.batch_size), mesh)}
+        images = data if data is not None else (lambda: cat.train_chunks(eval_batch))
+        ts = {**ts, "state": prepare_state(method, frozen, ts["state"], images, eval_batch,
+                                           mesh)}
     if not training:
         mngr.close()
         return ts, frozen
@@ -232,20 +415,29 @@ def train_category(config, method, teacher_variables, cat: CategoryData, ckpt_di
     batch = int(config.train.batch_size)
     per_call = max(1, min(int(config.train.steps_per_call), steps))
     ckpt_every = max(1, int(config.train.checkpoint_every))
-    train_frozen = dict(frozen)  # + image sets only the loss reads (EfficientAD's penalty)
-    for name, spec in method.training_images().items():
-        from kdjax.data.penalty import load_penalty_images
+    key = jax.random.PRNGKey(int(config.seed))
+    extra = training_image_sets(config, method, cat.category)
+    stream = cat.streamed or any(not isinstance(v, np.ndarray) for v in extra.values())
+    if stream:
+        from kdjax.data.pipeline import ArraySet
 
-        images = load_penalty_images(**spec)
-        log.info("[%s] %s: %d images from %s", cat.category, name, len(images), spec["folder"])
-        train_frozen[name] = put_global(images, repl)
-    cache = build_teacher_cache(config, method, frozen, data, mesh)
-    key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 1)
-    fns: Dict[int, Any] = {}
+        main = cat.train_set if cat.streamed else ArraySet(cat.train, "train")
+        sets = {k: (ArraySet(v, k) if isinstance(v, np.ndarray) else v) for k, v in extra.items()}
+        feed = _stream_inputs(main, sets, key, mesh, start, steps, batch, per_call)
+        log.info("[%s] training images streamed (data.input): %s", cat.category,
+                 ", ".join(f"{len(v)} {k}" for k, v in {"train": main, **sets}.items()))
+    else:
+        resident = {"data": data,
+                    "cache": build_teacher_cache(config, method, frozen, data, mesh),
+                    "extra": {k: put_global(v, repl) for k, v in extra.items()}}
+        feed = ((s0, n, size, resident)
+                for s0, n, size in calls(start, steps, cat.n_train, batch, per_call))
+    fns: Dict[Any, Any] = {}
     log.info("[%s] training %s: %d steps, batch %d, %d images, %d device(s), %s",
-             cat.category, method.name, steps, batch, len(cat.train), mesh.size,
+             cat.category, method.name, steps, batch, cat.n_train, mesh.size,
              config.train.compute_dtype)
     step, last_log, t_log, t0 = start, start, time.time(), time.time()
+    seen = 0  # images since the last log line
     next_ckpt = (start // ckpt_every + 1) * ckpt_every
     if metrics_path and jax.process_index() == 0:
         _drop_metrics_after(metrics_path, cat.category, start)  # steps redone after a resume
@@ -255,22 +447,25 @@ def train_category(config, method, teacher_variables, cat: CategoryData, ckpt_di
     mon.train_begin(cat.category, start, steps, batch)
     stop = _StopOnSigint()
     try:
-        while step < steps:
+        pending = next(feed, None)
+        while pending is not None:
             stop.check()
-            n = min(per_call, steps - step)
-            if n not in fns:
-                fns[n] = make_train_fn(method, tx, mesh, batch, n)
-            ts, metrics = fns[n](ts, data, train_frozen, key, cache)
+            s0, n, size, inputs = pending
+            if (n, size) not in fns:
+                fns[(n, size)] = make_train_fn(method, tx, mesh, batch, n, size, stream)
+            ts, metrics = fns[(n, size)](ts, inputs, frozen, key)
+            pending = next(feed, None)  # the next call's inputs while this one runs
             losses = np.asarray(jax.device_get(metrics["loss"]))
             if not np.all(np.isfinite(losses)):
                 bad = step + int(np.argmax(~np.isfinite(losses))) + 1
                 raise TrainingDivergedError(_diverged_message(config, cat.category, losses,
                                                               bad, mngr.latest_step(), ckpt_dir))
             step += n
+            seen += n * size
             mon.train_step(step, float(losses[-1]))
             if step - last_log >= int(config.train.log_every) or step == steps:
                 now = time.time()
-                ips = (step - last_log) * batch / max(now - t_log, 1e-9)
+                ips = seen / max(now - t_log, 1e-9)
                 means = {k: float(np.mean(np.asarray(v)))
                          for k, v in jax.device_get(metrics).items()}
                 mon.train_log(step, means, ips, learning_rates(method, step, steps))
@@ -278,7 +473,7 @@ def train_category(config, method, teacher_variables, cat: CategoryData, ckpt_di
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"category": cat.category, "step": step,
                                             "images_per_s": ips, **means}) + "\n")
-                last_log, t_log = step, now
+                last_log, t_log, seen = step, now, 0
             if step >= next_ckpt or step == steps:
                 checkpoints.save(mngr, ts)
                 next_ckpt = (step // ckpt_every + 1) * ckpt_every

@@ -307,40 +307,34 @@ def pipeline_records(mini_mvtec_ad_root, tmp_path_factory):
     return recs
 
 
-def test_pipeline_matches_load_images(pipeline_records):
+def test_stream_gives_the_readers_images_in_the_asked_order(pipeline_records, tmp_path):
+    """The streaming pipeline decodes with the reader's own code: the images equal
+    load_images exactly, in the order and batch sizes asked (16-bit and palette files
+    included), from the files and from the data.cache ArrayRecord file alike."""
+    from kdjax.data import images as images_lib
+    from kdjax.data.pipeline import ImageSet, batch_stream, build_cache
+
     recs = pipeline_records
     ref, _ = D.load_images(recs, 24)
-    ds = D.make_dataset(recs, 24, len(recs), seed=0, shuffle=False, repeat=False,
-                        process_index=0, process_count=1, drop_remainder=False)
-    (got,) = [b.numpy() for b in ds]
-    assert got.shape == ref.shape and got.dtype == np.uint8
-    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
-
-
-def test_pipeline_determinism_and_sharding(pipeline_records):
-    recs = pipeline_records
-    kw = dict(process_index=0, process_count=1)
-
-    def take(seed, n=4, **k):
-        ds = D.make_dataset(recs, 16, 3, seed=seed, **{**kw, **k})
-        return np.stack([b.numpy() for b in ds.take(n)])
-
-    a, b, c = take(0), take(0), take(1)
-    assert a.shape == (4, 3, 16, 16, 3)
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
-    # two hosts: disjoint halves of the (even-length cut of the) records, same batch count
-    ref, _ = D.load_images(recs, 16)
-    shards = []
-    for i in range(2):
-        ds = D.make_dataset(recs, 16, 2, seed=0, shuffle=False, repeat=False,
-                            process_index=i, process_count=2)
-        shards.append(np.concatenate([x.numpy() for x in ds]))
-    n = len(recs) - len(recs) % 2
-    assert len(shards[0]) == len(shards[1]) == (n // 2) // 2 * 2
-    for i in range(2):
-        assert np.abs(shards[i].astype(int)
-                      - ref[:n][i::2][:len(shards[i])].astype(int)).max() <= 1
+    steps = [np.array([3, 0, 5]), np.array([1]), np.array([len(recs) - 1, 2])]
+    for cached in (False, True):
+        s = ImageSet([r.image_path for r in recs], 24, lambda p: images_lib.load_one(p, 24),
+                     name="train", describe="stretch bilinear")
+        if cached:
+            path = build_cache(s, str(tmp_path))
+            again = ImageSet(s.paths, 24, None, name="train", describe="stretch bilinear")
+            assert build_cache(again, str(tmp_path)) == path  # found, not rewritten
+        extra = ImageSet(s.paths[:2], 24, lambda p: images_lib.load_one(p, 24), name="x")
+        got = list(batch_stream(iter([(i, {"x": np.array([1, 0])}) for i in steps]), s,
+                                {"x": extra}))
+        assert [g[0].shape[0] for g in got] == [3, 1, 2]
+        for (batch, ex), idx in zip(got, steps):
+            np.testing.assert_array_equal(batch, ref[idx])
+            np.testing.assert_array_equal(ex["x"], ref[[1, 0]])
+    # another preprocessing is another cache file
+    other = ImageSet(s.paths, 24, lambda p: images_lib.load_one(p, 24, "pad"), name="train",
+                     describe="pad bilinear")
+    assert build_cache(other, str(tmp_path)) != path
 
 
 def test_import_is_light():

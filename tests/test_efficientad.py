@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 from kdjax import augment, backends, losses, optim
 from kdjax.config import base_config
@@ -418,7 +419,7 @@ def test_penalty_images(tmp_path):
             tmp_path / f"n{i}" / f"{i}.jpg")
     imgs = penalty.load_penalty_images(str(tmp_path), 16, 2, seed=0)
     assert imgs.shape == (2, 16, 16, 3) and imgs.dtype == np.uint8
-    b = augment.penalty_batch(jnp.asarray(imgs), jax.random.PRNGKey(0), 64, 1.0)
+    b = augment.penalty_images(jnp.asarray(imgs[[0, 1, 1, 0]]), jax.random.PRNGKey(0), 1.0)
     x = np.asarray(b) * IMAGENET_STD + IMAGENET_MEAN  # all grayscale with p = 1
     np.testing.assert_allclose(x[..., 0], x[..., 1], atol=1e-5)
     with pytest.raises(ValueError, match="penalty_dir"):
@@ -474,10 +475,29 @@ def test_end_to_end_on_tiny_synthetic_loco(tmp_path, tiny_synthetic_root):
     c.eval.num_figures = 1
     c.eval.map_weights = {"local": 0.5, "global": 0.5}
     c.efficientad.margin_weight = 1.0
-    experiment.train_and_evaluate(c, str(tmp_path))
-    with open(tmp_path / "results.json") as f:
+    # The penalty folder: resident here, streamed below (the same draws, so the same
+    # losses); the streamed run also streams the training images.
+    rng = np.random.default_rng(5)
+    pen = tmp_path / "penalty"
+    for i in range(5):
+        os.makedirs(pen / f"n{i % 2}", exist_ok=True)
+        Image.fromarray((rng.random((90, 70, 3)) * 255).astype(np.uint8)).save(
+            pen / f"n{i % 2}" / f"{i}.jpg")
+    c.efficientad.penalty_dir = str(pen)
+    experiment.train_and_evaluate(c, str(tmp_path / "r"))
+    with open(tmp_path / "r" / "results.json") as f:
         res = json.load(f)
-    assert "RANDOM" in res["teacher"]
+    assert "RANDOM" in res["teacher"] and "notes" not in res  # the penalty was given
     mean = res["mean"]
     for k in ("logical_auroc", "structural_auroc", "au_spro_0.05"):
         assert 0.0 <= mean[k] <= 1.0
+    c.data.input = "stream"
+    experiment.train_and_evaluate(c, str(tmp_path / "s"), "train")
+
+    def rows(w):
+        return [json.loads(line) for line in open(tmp_path / w / "train_metrics.jsonl")]
+    assert [r["step"] for r in rows("s")] == [r["step"] for r in rows("r")] == [2, 4]
+    for a, b in zip(rows("r"), rows("s")):
+        assert a["penalty"] > 0
+        for k in ("loss", "penalty", "hard", "ae"):
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-5)

@@ -144,11 +144,59 @@ def test_combine_maps_quantile_normalization():
         inference.combine(test, {"local": 0.0, "global": 0.0}, norm)
 
 
-def test_batch_indices_cover_each_epoch_and_depend_only_on_step():
+def test_epochs_are_the_reference_dataloaders():
+    """ceil(N/B) steps per epoch (DataLoader, drop_last=False): every image exactly once,
+    the last batch the rest; a fresh permutation per epoch, a function of the step."""
     key = jax.random.PRNGKey(0)
-    seen = np.concatenate([np.asarray(train.batch_indices(key, s, 10, 3)) for s in range(3)])
-    assert len(set(seen.tolist())) == 9  # drop-last permutation: no repeats within an epoch
-    np.testing.assert_array_equal(train.batch_indices(key, 4, 10, 3), train.batch_indices(key, 4, 10, 3))
+    n, b = 10, 3
+    assert train.steps_per_epoch(n, b) == 4 and train.steps_per_epoch(2, 3) == 1
+    sizes = [train.step_batch_size(s, n, b) for s in range(8)]
+    assert sizes == [3, 3, 3, 1, 3, 3, 3, 1]
+    for epoch in range(2):
+        seen = np.concatenate([np.asarray(train.batch_indices(key, s, n, sizes[s], b))
+                               for s in range(4 * epoch, 4 * epoch + 4)])
+        assert sorted(seen.tolist()) == list(range(n))
+    e0 = [int(i) for s in range(4) for i in train.batch_indices(key, s, n, sizes[s], b)]
+    e1 = [int(i) for s in range(4, 8) for i in train.batch_indices(key, s, n, sizes[s], b)]
+    assert e0 != e1  # reshuffled each epoch
+    np.testing.assert_array_equal(train.batch_indices(key, 5, n, 3, b),
+                                  train.batch_indices(key, 5, n, 3, b))
+    # one compiled function per run of equal batch sizes; the rest is a call of its own
+    assert list(train.calls(0, 9, n, b, 10)) == [(0, 3, 3), (3, 1, 1), (4, 3, 3), (7, 1, 1),
+                                                 (8, 1, 3)]
+    assert list(train.calls(0, 5, 9, 3, 2)) == [(0, 2, 3), (2, 2, 3), (4, 1, 3)]
+    c = tiny_config("rd4ad", **{"train.steps": 0, "train.epochs": 200, "train.batch_size": 16})
+    assert train.total_steps(c, 60) == 800  # toothbrush: 60 images, 4 steps an epoch
+
+
+def test_streamed_training_equals_resident_and_resumes(data_root, tmp_path, monkeypatch):
+    """data.input=stream: the tf.data pipeline feeds the same batches (same losses as the
+    resident run, a smaller last batch included), and a streamed run interrupted and
+    resumed ends with the parameters of an uninterrupted one; data.cache is reused."""
+    over = {"data.root": data_root, "train.steps": 5, "train.batch_size": 3,
+            "train.steps_per_call": 2, "train.checkpoint_every": 1, "train.log_every": 1}
+    _run(tiny_config("rd4ad", **over, **{"data.input": "resident"}), tmp_path / "r", "train")
+    cache = str(tmp_path / "cache")
+    s = tiny_config("rd4ad", **over, **{"data.input": "stream", "data.cache": cache})
+    _run(s, tmp_path / "s", "train")
+
+    def rows(w):
+        return [json.loads(l) for l in open(w / "train_metrics.jsonl")]
+    # calls of 2 steps; step 3 is the smaller last batch of an epoch (8 images, batch 3)
+    assert [r["step"] for r in rows(tmp_path / "s")] == [2, 3, 5]
+    for a, b in zip(rows(tmp_path / "r"), rows(tmp_path / "s")):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+    assert len(os.listdir(cache)) == 2  # the ArrayRecord file and its description
+    with monkeypatch.context() as m:
+        interrupt_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            _run(s, tmp_path / "s2", "train")
+    _run(s, tmp_path / "s2", "train")
+    a, sa = _final_params(tmp_path / "s")
+    b, sb = _final_params(tmp_path / "s2")
+    assert sa == sb == 5
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_nsa_swap_pastes_patches_of_the_same_image():
@@ -291,8 +339,8 @@ def test_teacher_cache_feeds_the_loss_what_the_teacher_computes(method_name):
     fn = train.make_train_fn(method, tx, mesh, 4, 3)
     key = jax.random.PRNGKey(3)
     copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)  # noqa: E731 (fn donates ts)
-    _, m_cached = fn(copy(ts), data, frozen, key, cache)
-    _, m_plain = fn(copy(ts), data, frozen, key)
+    _, m_cached = fn(copy(ts), {"data": data, "cache": cache, "extra": {}}, frozen, key)
+    _, m_plain = fn(copy(ts), {"data": data, "cache": None, "extra": {}}, frozen, key)
     np.testing.assert_allclose(np.asarray(m_cached["loss"]), np.asarray(m_plain["loss"]),
                                rtol=2e-5)
     # off by config, or over the memory bound: no cache, the teacher runs in every step

@@ -15,14 +15,13 @@ The API the engine, the metrics and the notebooks call (docs/DATA.md, docs/INTER
   settings, with ``image_kw`` and ``mask_kw`` for the functions above
 * ``open_source(config, root)`` -> the records of data.source (files or TFDS)
 * ``ensure_synthetic(root, seed, image_size, counts)`` -> category name
-* ``make_dataset(records, image_size, batch_size, seed=...)`` -> tf.data.Dataset
-  (TensorFlow is imported only when this is called)
+* ``pipeline``: the engine's streaming input (``data.input=stream``: ``ImageSet``,
+  ``batch_stream``, the ``data.cache`` files; TensorFlow is imported only there)
 
 Importing this package is cheap: numpy and PIL only.
 """
 
 from kdjax.data.images import restore_maps, request_size
-from kdjax.data.pipeline import make_dataset
 from kdjax.data.readers import (DATASET_URL, IMAGE_EXTENSIONS, DatasetError, ImageError,
                                 has_masks, list_records, load_images, load_masks,
                                 load_regions, original_sizes, read_defects_config,
@@ -48,7 +47,7 @@ __all__ = [
     "IMAGENET_STD", "MVTEC_AD2_CATEGORIES", "MVTEC_AD_CATEGORIES", "MVTEC_LOCO_CATEGORIES",
     "VISA_CATEGORIES", "DatasetError", "DatasetSpec", "FileSource", "GTRegion", "ImageError",
     "Preprocess", "Record", "RegionSpec", "dataset_spec", "ensure_synthetic", "has_masks",
-    "list_records", "load_images", "load_masks", "load_regions", "make_dataset",
+    "list_records", "load_images", "load_masks", "load_regions",
     "open_source", "original_sizes", "read_defects_config", "read_image", "request_size",
     "restore_maps", "split_train_val",
 ]

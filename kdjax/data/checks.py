@@ -9,6 +9,7 @@ import difflib
 import os
 
 from kdjax.data import files
+from kdjax.data.category import INPUTS
 from kdjax.data.types import (DATASET_SPECS, DATASETS, IMAGE_FILTERS, MASK_RESIZES,
                               RESIZE_POLICIES, SOURCES, DatasetSpec, where_to_get)
 from kdjax.errors import ConfigError, DataError
@@ -37,6 +38,8 @@ def check_values(config) -> DatasetSpec:
     _choice(config, "image_filter", IMAGE_FILTERS, "bilinear", " (the image resize filter)")
     _choice(config, "mask_resize", MASK_RESIZES, "bilinear", " (the mask resize)")
     source = _choice(config, "source", SOURCES, "files")
+    _choice(config, "input", INPUTS, "auto",
+            " (resident: the training images on the devices; stream: decoded while training)")
     if source == "tfds" and not spec.tfds_name:
         have = ", ".join(s.name for s in DATASET_SPECS.values() if s.tfds_name)
         raise ConfigError(f"data.source='tfds': dataset {ds!r} has no TFDS builder (they read "

@@ -1,9 +1,11 @@
 """Natural images for EfficientAD's penalty (ImageNet train in the paper), read from a
-folder as its reference prepares them."""
+folder as its reference prepares them. The set stays on the devices or is streamed
+like the training images (kdjax/data/pipeline.py), so any number of images can serve."""
 
 from __future__ import annotations
 
 import os
+from typing import List
 
 import numpy as np
 
@@ -12,15 +14,9 @@ from kdjax.errors import ConfigError, DataError
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
 
-def load_penalty_images(folder: str, size: int, max_images: int, seed: int) -> np.ndarray:
-    """Natural images for the penalty, as the reference prepares them: resize
-    to 2*size x 2*size (PIL bilinear, antialiased as torchvision's Resize on
-    PIL images), centre crop size x size. RandomGrayscale is applied on the
-    device at each step. Returns uint8 (N, size, size, 3); a seeded choice of
-    at most ``max_images`` of the files found (recursively) under ``folder``.
-    """
-    from PIL import Image
-
+def penalty_files(folder: str, max_images: int = 0, seed: int = 0) -> List[str]:
+    """The image files (recursively) under ``folder``, sorted; a seeded choice of at
+    most ``max_images`` of them when that is > 0."""
     if not os.path.isdir(folder):
         raise ConfigError(
             f"efficientad.penalty_dir={folder!r} is not a directory. Point it at a folder "
@@ -33,14 +29,28 @@ def load_penalty_images(folder: str, size: int, max_images: int, seed: int) -> n
     if not files:
         raise DataError(f"efficientad.penalty_dir={folder!r}: no images "
                         f"({', '.join(IMAGE_EXTS)}) under it.")
-    if len(files) > max_images:
-        pick = np.random.default_rng(seed).choice(len(files), max_images, replace=False)
+    if 0 < int(max_images) < len(files):
+        pick = np.random.default_rng(seed).choice(len(files), int(max_images), replace=False)
         files = [files[i] for i in sorted(pick)]
-    out = np.empty((len(files), size, size, 3), np.uint8)
+    return files
+
+
+def load_penalty_image(path: str, size: int) -> np.ndarray:
+    """One penalty image as the reference prepares it: resized to 2*size x 2*size (PIL
+    bilinear, antialiased as torchvision's Resize on PIL images), centre crop size x
+    size; uint8 (size, size, 3). RandomGrayscale is drawn on the device at each step."""
+    from kdjax.data.images import open_rgb
+
+    im = open_rgb(path).resize((2 * size, 2 * size), resample=2)  # PIL.Image.BILINEAR
     off = size // 2
+    return np.asarray(im)[off:off + size, off:off + size]
+
+
+def load_penalty_images(folder: str, size: int, max_images: int = 0,
+                        seed: int = 0) -> np.ndarray:
+    """Every image of :func:`penalty_files` as uint8 (N, size, size, 3)."""
+    files = penalty_files(folder, max_images, seed)
+    out = np.empty((len(files), size, size, 3), np.uint8)
     for i, f in enumerate(files):
-        with Image.open(f) as im:
-            im = im.convert("RGB").resize((2 * size, 2 * size), Image.BILINEAR)
-        a = np.asarray(im)
-        out[i] = a[off:off + size, off:off + size]
+        out[i] = load_penalty_image(f, size)
     return out

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from kdjax import ops
-from kdjax.augment import color_jitter_ae, penalty_batch
+from kdjax.augment import color_jitter_ae, penalty_images
 from kdjax.errors import ConfigError
 from kdjax.losses import MARGIN_MODES, MARGIN_TARGETS, dfsc_margin_loss, hard_feature_loss
 from kdjax.methods.base import Method
@@ -62,7 +62,10 @@ def default_efficientad_config() -> ml_collections.ConfigDict:
     c.hard_quantile = 0.999  # hard loss: mean of the distances >= this quantile
     c.jitter = 0.2  # ColorJitter strength of the AE branch (brightness, contrast, saturation)
     c.penalty_dir = ""  # folder of natural images (ImageNet train in the paper); "" = no penalty
-    c.penalty_max_images = 2000  # at most this many (seeded choice) are kept on the device
+    # At most this many of the folder's images (a seeded choice); 0: all of them. The set
+    # stays on the device when it fits train.resident_max_gb (data.input=auto), else it is
+    # streamed (kdjax/data/pipeline.py), like the training images.
+    c.penalty_max_images = 0
     c.penalty_grayscale = 0.3  # RandomGrayscale probability of the penalty images
     c.map_padding = 4  # zero padding (feature pixels) of each map before upsampling
     # DFSC margin (Lee & Kim 2024; reconstruction, see the module docstring).
@@ -126,9 +129,9 @@ def check_settings(out, config) -> None:
     if not 0.0 <= float(out.penalty_grayscale) <= 1.0:
         raise ConfigError(f"efficientad.penalty_grayscale={out.penalty_grayscale}: must be a "
                           "probability in [0, 1].")
-    if int(out.penalty_max_images) < 1:
+    if int(out.penalty_max_images) < 0:
         raise ConfigError(f"efficientad.penalty_max_images={out.penalty_max_images}: must be "
-                          ">= 1.")
+                          ">= 0 (0: every image of efficientad.penalty_dir).")
     if out.penalty_dir and not os.path.isdir(str(out.penalty_dir)):
         raise ConfigError(
             f"efficientad.penalty_dir={out.penalty_dir!r} is not a directory: point it at a "
@@ -309,7 +312,7 @@ class EfficientAD(Method):
         normalization with the channel statistics happens in the loss."""
         return self._teacher_raw(frozen, images.astype(jnp.float32))
 
-    def loss(self, params, state, frozen, images, rng, cached=None):
+    def loss(self, params, state, frozen, images, rng, cached=None, extra=None):
         s = self.settings
         c = self.channels
         n = images.shape[0]
@@ -328,13 +331,13 @@ class EfficientAD(Method):
             t_st = self._normalize_teacher(state, cached)
             t_ae = self._teacher(frozen, state, images_ae)
         student_in = [images, images_ae]
-        use_penalty = "penalty" in frozen
+        use_penalty = bool(extra) and "penalty" in extra  # the engine's draw for this step
         if use_penalty:
-            student_in.append(penalty_batch(frozen["penalty"], k_pen, n,
-                                            float(s.penalty_grayscale)))
+            student_in.append(penalty_images(extra["penalty"], k_pen, float(s.penalty_grayscale)))
         # The student's last convolution computes only the half each image uses
         # (local half: image and penalty image; global half: augmented image).
-        groups = [(n, 0, c), (n, c, 2 * c)] + ([(n, 0, c)] if use_penalty else [])
+        groups = [(n, 0, c), (n, c, 2 * c)] + (
+            [(extra["penalty"].shape[0], 0, c)] if use_penalty else [])
         outs = self.student_train.apply({"params": params["student"]},
                                         jnp.concatenate(student_in, 0), groups=groups)
         s_st, s_ae = outs[0].astype(jnp.float32), outs[1].astype(jnp.float32)
