@@ -1,8 +1,8 @@
 """Orchestration of a run: every category (and variant) of a config is trained
 (kdjax/train.py), calibrated into a model artifact (map normalization and
-decision threshold, kdjax/inference.py), evaluated on its test set, and
-reported (kdjax/evaluate.py: results.json/md and figures; kdjax/report.py:
-report.html). A kdjax.monitor.Monitor shows progress and writes TensorBoard
+decision threshold, kdjax/inference.py and kdjax/thresholds.py), evaluated on
+its test set (kdjax/evaluate.py: metrics and figures), and reported
+(kdjax/results.py: results.json/md; kdjax/report.py: report.html). A kdjax.monitor.Monitor shows progress and writes TensorBoard
 summaries throughout.
 
 ``train_and_evaluate(config, workdir, mode)`` is the entry point of

@@ -40,7 +40,8 @@ def kth_largest(x: jax.Array, ks) -> jax.Array:
     """Exact k-th largest values (k 1-based, one per entry of ``ks``) of the
     float32 array ``x`` (flattened), without sorting: 32 bisection steps on
     the order-preserving uint32 image of the floats, each one counting pass.
-    On the CPU this is ~10x faster than the sort behind jnp.quantile."""
+    On the CPU this is faster than the sort behind jnp.quantile
+    (docs/BENCHMARKS.md, "CPU kernels")."""
     u = jax.lax.bitcast_convert_type(x.reshape(-1).astype(jnp.float32), jnp.uint32)
     s = jnp.where((u >> 31) == 1, ~u, u | jnp.uint32(0x80000000))
     ks = jnp.asarray(ks, jnp.int32)

@@ -13,9 +13,8 @@ XLA:CPU runs fast (docs/BENCHMARKS.md, "CPU kernels", has the measurements).
   convolutions is far slower than the forward; at inference they use XLA's
   convolution (faster there).
 * XLA compiler options (:data:`CPU_OPTIONS`): dots and convolutions go to
-  XNNPACK instead of the jaxlib default (YNNPACK, whose fp32 matmuls measured
-  20-30% slower on the machines kdjax was tuned on); reductions stay with
-  YNNPACK. ``KDJAX_XLA_CPU_OPTIONS=default`` in the environment keeps XLA's
+  XNNPACK instead of the jaxlib default (YNNPACK, whose fp32 matmuls were
+  slower on the machines kdjax was tuned on); reductions stay with YNNPACK. ``KDJAX_XLA_CPU_OPTIONS=default`` in the environment keeps XLA's
   defaults; a jaxlib that does not know these (experimental) options gets its
   defaults too, with one log line.
 

@@ -57,7 +57,7 @@ def _plain(lhs, rhs, strides, padding, precision):
 
 # Stride-1 convolutions whose output has at most this many pixels per image are
 # computed as one im2col matmul: XLA:CPU's convolution is slow on small maps
-# with many channels (measured, 3x3 1024->1024 on 8x8 maps: 2x).
+# with many channels (docs/BENCHMARKS.md, "CPU kernels").
 IM2COL_MAX_PIXELS = 64
 # Below this many input channels an im2col matrix is mostly gathering (the
 # 7x7 stem on RGB); the convolution stays XLA's.
@@ -147,10 +147,8 @@ def patches(lhs, kernel_hw, strides, padding):
     rows, not as one concatenation of the kh*kw taps on the channel axis:
     XLA:CPU fuses neither a channel-axis concatenation nor one of more than 8
     operands, so that form writes every tap to memory before copying it
-    into place, while each of these stacks is one loop fusion. Measured on a
-    2-core CPU: the PDN-M conv3 patches (2x126x126x256, 4x4) 250 vs 490 ms;
-    EfficientAD-S training step 2.53 vs 2.99 s, -M 7.53 vs 7.81 s (in-process
-    A/B, medians of 6 rounds)."""
+    into place, while each of these stacks is one loop fusion (docs/BENCHMARKS.md,
+    "CPU kernels", has the measurements)."""
     t = taps(lhs, kernel_hw, strides, padding)
     kh, kw = kernel_hw
     n, ho, wo, ci = t[0].shape
@@ -170,7 +168,8 @@ def kernel_grad(lhs, g, kernel_hw: Tuple[int, int], strides, padding, precision=
     Each kernel tap's strided input slice, as an (M, I) matrix (M = N * Ho * Wo),
     meets the output gradient (M, O) in one matmul contracting M; neither operand
     is transposed in memory. Strided kernels gather the taps into one (M, k*k*I)
-    matrix first: one matmul is faster there than k*k small ones (measured)."""
+    matrix first: one matmul is faster there than k*k small ones
+    (docs/BENCHMARKS.md, "CPU kernels")."""
     kh, kw = kernel_hw
     n, ho, wo, o = g.shape
     ci = lhs.shape[-1]

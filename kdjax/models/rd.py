@@ -34,7 +34,8 @@ class Deconv2x2(nn.ConvTranspose):
     """ConvTranspose(k=2, s=2, 'VALID', transpose_kernel=True) computed as one matmul and
     a depth-to-space: each input pixel writes its own 2x2 output block, so the two are
     equal. Same parameter ("kernel", (2, 2, out, in)) as nn.ConvTranspose; XLA:CPU runs
-    the lhs-dilated convolution's gradient ~1000x slower than this matmul."""
+    the lhs-dilated convolution's gradient far slower than this matmul
+    (docs/BENCHMARKS.md, "CPU kernels")."""
 
     @nn.compact
     def __call__(self, x):
