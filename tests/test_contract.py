@@ -97,7 +97,7 @@ def test_method_contract(name):
                          "state": state, "opt_state": tx.init(v["params"])}, repl)
     params_before = jax.device_get(v["params"])
     fn = train.make_train_fn(method, tx, mesh, BATCH, 1)
-    ts, m = fn(ts, data, frozen, jax.random.PRNGKey(2), cache)
+    ts, m = fn(ts, {"data": data, "cache": cache, "extra": {}}, frozen, jax.random.PRNGKey(2))
     ts = jax.device_get(ts)
     assert int(ts["step"]) == 1
     assert set(metrics) | {"loss"} == set(m) and _finite(m), m

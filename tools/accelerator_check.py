@@ -157,17 +157,18 @@ def train(config, kernels, init, teacher_variables, images, steps: int, mesh):
     ts = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": init["params"],
                          "state": state, "opt_state": tx.init(init["params"])}, repl)
     key = jax.random.PRNGKey(1)
+    inputs = {"data": data, "cache": cache, "extra": {}}
     lowered = train_lib.make_train_fn(method, tx, mesh, batch, steps).lower(
-        ts, data, frozen, key, cache)
+        ts, inputs, frozen, key)
     flops = _flops(lowered)  # XLA counts the scanned step once
     t0 = time.perf_counter()
     fn = lowered.compile()
     compile_s = time.perf_counter() - t0
-    ts, m = fn(ts, data, frozen, key, cache)  # warm-up
+    ts, m = fn(ts, inputs, frozen, key)  # warm-up
     jax.block_until_ready(m)
     t0 = time.perf_counter()
     for _ in range(2):
-        ts, m = fn(ts, data, frozen, key, cache)
+        ts, m = fn(ts, inputs, frozen, key)
     jax.block_until_ready(m)
     ips = 2 * steps * batch / (time.perf_counter() - t0)
     host = jax.device_get({"params": ts["params"], "state": ts["state"]})
