@@ -1,4 +1,7 @@
-"""Orbax checkpoints of the train state: save, restore, keep only the last."""
+"""Orbax checkpoints of the train state: save, restore (skipping unreadable ones), keep
+only the last; the training settings recorded beside them (``training_config.json``,
+:func:`check_training_config`: a rerun with other settings is refused, and
+``train.restart=True`` trains over once)."""
 
 from __future__ import annotations
 
@@ -57,8 +60,8 @@ def restore(mngr, ts_template):
     if steps:
         raise CorruptCheckpointError(
             f"No checkpoint in {mngr.directory} can be read (steps {', '.join(map(str, steps))}): "
-            "they are damaged. Delete that directory to train from scratch, or rerun with "
-            "--config.train.restart=True.")
+            f"they are damaged. Delete {mngr.directory} to train this category from scratch, "
+            "or use another --workdir.")
     return None
 
 
@@ -101,24 +104,44 @@ def training_keys(config) -> dict:
     return flat
 
 
+def _differing(before: dict, now: dict) -> list:
+    """The training keys whose recorded value (``before``) differs from ``now``; a key
+    recorded before it existed had its default value then."""
+    from kdjax.config import base_config
+
+    default = training_keys(base_config())
+    return sorted(k for k in set(before) | set(now)
+                  if before.get(k, default.get(k)) != now.get(k))
+
+
 def check_training_config(ckpt_dir: str, config) -> None:
-    """Record the training settings of ``ckpt_dir``; refuse a rerun whose settings differ
-    (a resumed run would mix two trainings), naming the keys. ``train.restart=True``
-    deletes the directory's checkpoints and starts over."""
+    """Record the training settings of ``ckpt_dir`` (``training_config.json``); refuse a
+    rerun whose settings differ (a resumed run would mix two trainings), naming the keys.
+
+    ``train.restart=True`` discards the directory's checkpoints when they were trained
+    with other settings (or their settings were never recorded) and trains over. The
+    checkpoints of a training with exactly this run's settings are kept and resumed: the
+    restart applies once, so rerunning the same command (``train.restart=True``
+    included) after an interruption continues where it stopped instead of starting over
+    again. To train over with unchanged settings, delete the directory."""
     path = os.path.join(ckpt_dir, TRAINING_CONFIG)
     now = training_keys(config)
-    if bool(config.train.get("restart", False)) and os.path.isdir(ckpt_dir):
-        log.warning("train.restart=True: deleting the checkpoints in %s", ckpt_dir)
-        shutil.rmtree(ckpt_dir)
+    before = None
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
-        # A key that a training recorded before it existed had its default value then.
-        from kdjax.config import base_config
-
-        default = training_keys(base_config())
-        diff = sorted(k for k in set(before) | set(now)
-                      if before.get(k, default.get(k)) != now.get(k))
+    diff = _differing(before, now) if before is not None else []
+    if bool(config.train.get("restart", False)) and os.path.isdir(ckpt_dir):
+        if before is not None and not diff:
+            log.info("train.restart=True: %s holds a training with these same settings; "
+                     "resuming it (delete that directory to train over).", ckpt_dir)
+        else:
+            why = ("other settings: " + ", ".join(diff[:6])) if diff else "unrecorded settings"
+            log.warning("train.restart=True: %s holds a training with %s; deleting its "
+                        "checkpoints and training over.", ckpt_dir, why)
+            shutil.rmtree(ckpt_dir)
+            before, diff = None, []
+    if before is not None:
         if diff:
             shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
             raise ConfigError(

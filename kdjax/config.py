@@ -117,7 +117,10 @@ def base_config(method: str = "rd4ad") -> ml_collections.ConfigDict:
     c.train.cache_teacher = True
     c.train.cache_teacher_max_gb = 4.0
     c.train.resident_max_gb = 4.0  # data.input=auto: the largest resident image set per device
-    # Start this workdir's training over (discard its checkpoints) instead of resuming.
+    # Train over: discard this workdir's checkpoints when they were trained with other
+    # settings (instead of refusing the run). Checkpoints of exactly these settings are
+    # resumed, so rerunning the same command after an interruption continues
+    # (kdjax.checkpoints.check_training_config); delete them to retrain unchanged settings.
     c.train.restart = False
 
     c.eval = ml_collections.ConfigDict()
@@ -519,6 +522,33 @@ def _check_eval(config) -> None:
             "--config.eval.quantiles='(0.9, 0.995)'.")
 
 
+def _check_map_weights(config, method) -> None:
+    """eval.map_weights and each eval.weight_variants entry: {component of the method's
+    maps: a finite weight >= 0}, not all zero (the map would be 0 everywhere)."""
+    names = tuple(method.map_names)
+    tables = [("eval.map_weights", config.eval.get("map_weights", None))]
+    for name, w in (config.eval.get("weight_variants", None) or {}).items():
+        tables.append((f"eval.weight_variants.{name}", w))
+    for key, table in tables:
+        if table is None:
+            continue
+        if not hasattr(table, "items"):
+            raise ConfigError(f"{key}={table!r}: must be {{component: weight}}, e.g. "
+                              f"--config.{key}=\"{{'{names[0]}': 1.0}}\".")
+        table = dict(table.items())
+        for k, v in table.items():
+            if k not in names:
+                raise ConfigError(
+                    f"{key} names {k!r}, which is not a map component of method "
+                    f"{config.method!r}: its components are {', '.join(names)}.")
+            if not _is_number(v) or not math.isfinite(float(v)) or float(v) < 0:
+                raise ConfigError(f"{key}.{k}={v!r}: must be a finite number >= 0.")
+        if all(float(table.get(k, 1.0)) == 0 for k in names):
+            raise ConfigError(
+                f"{key} sets every map weight to 0 ({', '.join(names)}): the anomaly map would "
+                f"be 0 everywhere; give at least one component a weight > 0 (default 1).")
+
+
 def _check_report(config) -> None:
     if "report" not in config:
         return
@@ -560,19 +590,31 @@ def _check_files(config) -> None:
                 f"teacher.weights={w!r}: no such file; give a torchvision .pth or a ported .npz "
                 "file, 'auto' (the ImageNet weights, cached or downloaded) or 'random'.")
     init_from = str(config.get("init_from", "") or "")
-    if init_from and not os.path.exists(init_from):
-        raise ConfigError(
-            f"init_from={init_from!r}: no such file or directory (a checkpoint of the "
-            "reference PyTorch code); leave init_from empty to train from scratch.")
+    if init_from:
+        from kdjax.methods import method_class
+
+        if not os.path.exists(init_from):
+            raise ConfigError(
+                f"init_from={init_from!r}: no such file or directory (a checkpoint of the "
+                "reference PyTorch code); leave init_from empty to train from scratch.")
+        method_class(config.method).check_init_from(init_from)
     data_checks.check_root(config)
 
 
-def validate(config) -> None:
+EVALUATING_MODES = ("train_and_eval", "eval")
+
+
+def validate(config, mode: str | None = None) -> None:
     """Refuse a config that cannot run, before any data is read or any model built.
 
     Raises ConfigError / DataError (ValueErrors) with one line naming the key, the bad
     value and the fix. Also resolves the deprecated alias data.val_fraction (see
-    base_config)."""
+    base_config). The dataset is looked at cheaply (directory listings): every category
+    is there with training images; with ``mode`` "train_and_eval" or "eval" (what
+    ``kdjax.main`` and ``experiment.train_and_evaluate`` pass) also what the evaluation
+    will read of each category: its validation and test splits, every anomalous test
+    image's mask or LOCO regions and ``defects_config.json``, masks of their images'
+    size (image headers only; kdjax.data.checks.check_evaluation_splits)."""
     from kdjax.methods import METHODS, method_class
 
     _check_keys(config, METHODS)
@@ -591,9 +633,12 @@ def validate(config) -> None:
     _check_train(config)
     _check_eval(config)
     method.resolve_settings(config)  # the method's section: keys and values
+    _check_map_weights(config, method)
     paper_targets(config)  # a targets_by that names no key
     _check_report(config)
     _check_files(config)
+    if mode in EVALUATING_MODES:
+        data_checks.check_evaluation_splits(config)
 
 
 # ---------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from kdjax.devices import make_mesh
 from kdjax.jsonio import json_safe
 from kdjax.methods import get_method
 from kdjax.train import train_category
-from kdjax.workdir import setup_logging, workdir_lock
+from kdjax.workdir import ensure_dir, setup_logging, workdir_lock
 
 log = logging.getLogger("kdjax")
 
@@ -283,8 +283,8 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> Di
     """Entry point used by kdjax.main, the notebooks and the tests."""
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)} here, not {mode!r}.")
-    config_lib.validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    config_lib.validate(config, mode)
+    ensure_dir(workdir)  # WorkdirError (one line) for a file, or an unwritable place
     setup_logging(workdir)
     with workdir_lock(workdir), _monitor(config, workdir) as monitor:
         if jax.process_index() == 0:

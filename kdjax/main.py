@@ -18,7 +18,9 @@ Exit status:
   ``kdjax: <message>``, on stderr and no traceback: an error the user can fix
   (:class:`kdjax.errors.UserError`: a bad flag, config file, config key or
   value, dataset or workdir), a diverged training run or a workdir in use by
-  another run. Config errors are found before any data is read.
+  another run. Config errors are found before any data is read; a dataset that
+  cannot serve the run (missing categories, a test set's masks) and a workdir or
+  --output that cannot be created or written before any training step.
 * 130: interrupted (Ctrl-C): ``kdjax: interrupted; rerun the same command to
   resume from the last checkpoint``.
 * 1: anything else: a bug, with Python's traceback (please report it).
@@ -35,6 +37,7 @@ from ml_collections import config_flags
 
 from kdjax import config as config_lib
 from kdjax.errors import ConfigError, ConfigFileNotFoundError, DataError, UserError, WorkdirError
+from kdjax.workdir import check_dir, ensure_dir
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -256,10 +259,12 @@ def _use_trained(mode: str, workdir: str) -> None:
         if not any(ch in source for ch in "*?[") and not os.path.exists(source):
             raise DataError(f"--input {source!r}: no such file or folder.")
         output = FLAGS.output or os.path.join(workdir, "predictions")
+        check_dir(output, "--output")
         _entry("predict_cli")(workdir, source, output, category=FLAGS.category,
                               write_maps=FLAGS.maps, max_overlays=FLAGS.max_overlays)
     else:
         output = FLAGS.output or os.path.join(workdir, "export")
+        check_dir(output, "--output")
         _entry("export_cli")(workdir, output, category=FLAGS.category)
 
 
@@ -276,7 +281,8 @@ def _run(argv) -> None:
     if config is None:
         raise ConfigError(f"--mode={mode} needs --config=configs/<name>.py (e.g. "
                           "--config=configs/demo.py).")
-    config_lib.validate(config)  # before jax is imported: config errors come at once
+    config_lib.validate(config, mode)  # before jax is imported: config errors come at once
+    ensure_dir(workdir, "--workdir")  # a file, a path under a file, an unwritable place
     if config.get("multihost", False):
         from kdjax.distributed import initialize
 

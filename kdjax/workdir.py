@@ -1,19 +1,70 @@
-"""A run's workdir: the lock that refuses a second live run, and logging to log.txt."""
+"""A run's workdir: whether it can be created and written (checked before any work), the
+lock that refuses a second live run, and logging to log.txt.
+
+Nothing here imports JAX at module level: the command line checks the workdir (and
+``--output``) before JAX is imported.
+"""
 
 from __future__ import annotations
 
-from kdjax.errors import UserError
-
 import contextlib
+import errno
 import json
 import logging
 import os
 import socket
 import time
 
-import jax
+from kdjax.errors import UserError, WorkdirError
 
 log = logging.getLogger("kdjax")
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or errno.errorcode.get(e.errno or 0, "") or type(e).__name__
+
+
+def check_dir(path: str, flag: str = "--workdir") -> None:
+    """Refuse a directory that cannot be created or written, without creating anything:
+    WorkdirError, one line naming ``flag``, the path, why, and the fix. ``path`` may
+    exist (then it must be a writable directory) or not (then its nearest existing
+    ancestor must be a writable directory)."""
+    if not path:
+        raise WorkdirError(f"{flag} is empty: give a directory, e.g. {flag}=runs/demo.")
+    what = f"{flag} {path!r}"
+    fix = f"pass another {flag}"
+    p = os.path.abspath(path)
+    if os.path.lexists(p) and not os.path.exists(p):
+        raise WorkdirError(f"{what} cannot be created: it is a broken symbolic link (to "
+                           f"{os.readlink(p)!r}); remove the link or {fix}.")
+    if os.path.exists(p):
+        if not os.path.isdir(p):
+            raise WorkdirError(f"{what} cannot be used: it is an existing file, not a "
+                               f"directory; {fix} (a new or existing directory).")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise WorkdirError(f"{what} cannot be written: permission denied (or a read-only "
+                               f"file system); {fix} you can write, or fix its permissions.")
+        return
+    parent = os.path.dirname(p)
+    while parent != os.path.dirname(parent) and not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.lexists(parent) and not os.path.isdir(parent):
+        raise WorkdirError(f"{what} cannot be created: {parent} is a file, not a directory; "
+                           f"{fix}.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise WorkdirError(f"{what} cannot be created: {parent} is not writable (permission "
+                           f"denied or a read-only file system); {fix} you can write.")
+
+
+def ensure_dir(path: str, flag: str = "--workdir") -> None:
+    """Create directory ``path`` (and its parents); WorkdirError, one line, when it cannot
+    be created or written (see :func:`check_dir`)."""
+    check_dir(path, flag)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(f"{flag} {path!r} cannot be created: {_why(e)}; pass another "
+                           f"{flag}.") from None
 
 
 class WorkdirLockedError(UserError, RuntimeError):
@@ -23,6 +74,8 @@ class WorkdirLockedError(UserError, RuntimeError):
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
     """Refuse a second live run on the same workdir; take over stale locks."""
+    import jax
+
     if jax.process_index() != 0:
         yield
         return

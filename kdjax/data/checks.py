@@ -60,8 +60,18 @@ def categories_of(config) -> list:
             if not config.data.root or not os.path.isdir(config.data.root):
                 raise DataError(
                     f"data.category=all needs an existing data.root for dataset {ds!r}.")
-            return sorted(d for d in os.listdir(config.data.root)
-                          if os.path.isdir(os.path.join(config.data.root, d, "train")))
+            root = config.data.root
+            cats = sorted(d for d in os.listdir(root)
+                          if os.path.isdir(os.path.join(root, d, "train")))
+            if not cats:
+                found = sorted(d for d in os.listdir(root) if not d.startswith(".")
+                               and os.path.isdir(os.path.join(root, d)))
+                raise DataError(
+                    f"data.category=all: data.root {root!r} holds no category folder with a "
+                    f"train/ folder (it holds: {', '.join(found) if found else 'no folders'}); "
+                    f"a {ds} dataset is <root>/<category>/train/good/<images> (docs/DATA.md): "
+                    f"point --config.data.root at the folder holding the category folders.")
+            return cats
         return list(known)
     cats = [c.strip() for c in cat.split(",") if c.strip()]
     if not cats:
@@ -207,3 +217,127 @@ def _check_manual_dir(spec: DatasetSpec, root: str, cats) -> None:
             f"data.tfds_dir, and data.root {root!r} (its manual download) holds neither an "
             f"archive nor categor{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)}: "
             f"{where_to_get(spec)}, into {root}.")
+
+
+# ---------------------------------------------------------------------------
+# The evaluation splits, before training: found in the file headers only.
+
+# (dataset, root, category, on_corrupt) whose evaluation splits passed the check in this
+# process: kdjax.main and experiment.train_and_evaluate both validate; the check runs once.
+_CHECKED_SPLITS: set = set()
+
+
+def _header_hw(path: str, kind: str = "image"):
+    """(H, W) of an image file from its header (PIL's lazy open: no pixel is decoded);
+    DataError naming the file when the header cannot be read."""
+    from PIL import Image
+
+    from kdjax.data.images import corrupt
+
+    try:
+        with Image.open(files.open_file(path)) as im:
+            w, h = im.size
+    except (OSError, SyntaxError, ValueError) as e:
+        if kind == "image":
+            raise corrupt(path, e) from None
+        raise DataError(f"Cannot read {kind} {path}: {type(e).__name__}: {e}. It is corrupt or "
+                        "not an image; restore it from the original download.") from None
+    return h, w
+
+
+def _loco_pairs(spec: DatasetSpec, root: str, category: str) -> list:
+    """[(test image, its ground-truth region PNG)] of a LOCO-layout category, listed
+    without reading the regions' pixel values (kdjax.data.readers reads those at
+    evaluation); DataError for a missing defects_config.json, ground-truth folder or
+    region."""
+    from kdjax.data import masks, readers
+
+    cat_dir = readers._check_category_dir(spec.name, root, category)
+    test_dir = os.path.join(cat_dir, "test")
+    if not os.path.isdir(test_dir):
+        raise DataError(f"{test_dir} is missing: category {category!r} has no test set "
+                        f"(expected test/good/, test/logical_anomalies/, "
+                        f"test/structural_anomalies/); re-extract it from the original "
+                        f"download, or train only with --mode=train.")
+    kinds = [t for t in files.subdirs(test_dir) if t in readers._LOCO_KIND]
+    good = os.path.join(test_dir, "good")
+    pairs = [(image, None) for image in (files.list_images(good) if os.path.isdir(good)
+                                         else [])]
+    gt_root = os.path.join(cat_dir, "ground_truth")
+    if kinds or os.path.isdir(gt_root):
+        masks.read_defects_config(cat_dir)  # missing or malformed: one line, the fix
+    for t in kinds:
+        for image in files.list_images(os.path.join(test_dir, t)):
+            stem = os.path.splitext(os.path.basename(image))[0]
+            gt_dir = os.path.join(gt_root, t, stem)
+            regions = files.list_images(gt_dir) if os.path.isdir(gt_dir) else []
+            if not regions:
+                raise DataError(
+                    f"No ground-truth region for {image}: expected {gt_dir}/000.png; restore "
+                    f"{os.path.join(cat_dir, 'ground_truth')} from the original download.")
+            pairs.extend((image, q) for q in regions)
+    return pairs
+
+
+def _mask_pairs(spec: DatasetSpec, root: str, category: str) -> list:
+    """[(test image, its mask or None)] of the labelled test split (the readers' listing: a
+    required mask that is missing is a DataError naming the file it expected)."""
+    from kdjax.data import readers
+
+    if spec.has_validation_split:  # listed here so that a missing one stops the run now
+        readers.list_records(spec.name, root, category, "validation")
+    if spec.ground_truth == "loco_regions":
+        return _loco_pairs(spec, root, category)
+    records = readers.list_records(spec.name, root, category, "test")
+    return [(r.image_path, m) for r in records for m in (r.mask_paths or (None,))]
+
+
+def check_evaluation_splits(config, root: str = None) -> None:
+    """Check, before any training, what evaluation reads of every category of the run:
+    the validation split (where the dataset has one), the test split's listing, each
+    anomalous image's mask or LOCO regions (present, and of its image's size) and
+    ``defects_config.json`` (LOCO). Only directory listings and image headers are read
+    (PIL's lazy open), so it stays cheap on full datasets. Raises DataError (one line
+    naming the file and the fix). A test image whose header cannot be read is refused
+    (``data.on_corrupt='raise'``) or left to the evaluation, which skips it ('skip').
+    Not needed for a generated dataset or ``data.source='tfds'``."""
+    import concurrent.futures
+
+    spec = DATASET_SPECS[config.data.dataset]
+    if spec.generated or str(config.data.get("source", "files")) != "files":
+        return
+    root = config.data.root if root is None else root
+    on_corrupt = str(config.data.get("on_corrupt", "raise"))
+    for category in categories_of(config):
+        key = (spec.name, os.path.abspath(root), category, on_corrupt)
+        if key in _CHECKED_SPLITS:
+            continue
+        try:
+            pairs = _mask_pairs(spec, root, category)
+        except DataError as e:  # the readers' messages may show the layout on more lines
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            if len(lines) < 2:
+                raise
+            raise DataError(" ".join(lines)) from None
+
+        def image_header(path):
+            try:
+                return _header_hw(path, "image")
+            except DataError:
+                if on_corrupt == "skip":  # the evaluation skips it too
+                    return None
+                raise
+
+        images = sorted({i for i, _ in pairs})
+        masks = [(i, m) for i, m in pairs if m is not None]
+        with concurrent.futures.ThreadPoolExecutor(files.num_workers()) as ex:
+            image_hw = dict(zip(images, ex.map(image_header, images)))
+            mask_hw = list(ex.map(lambda pair: _header_hw(pair[1], "mask"), masks))
+        for (image, mask), mhw in zip(masks, mask_hw):
+            ihw = image_hw[image]
+            if ihw is not None and tuple(mhw) != tuple(ihw):
+                raise DataError(
+                    f"Mask {mask} is {mhw[1]}x{mhw[0]} (WxH) but its image {image} is "
+                    f"{ihw[1]}x{ihw[0]}: a mask must have its image's size; restore the mask "
+                    f"from the original download (or resize it to {ihw[1]}x{ihw[0]}).")
+        _CHECKED_SPLITS.add(key)

@@ -167,6 +167,17 @@ class Method:
         """The ``frozen`` pytree ``loss`` and ``maps`` read, from the teacher's variables."""
         return {"teacher": teacher_variables}
 
+    @classmethod
+    def check_init_from(cls, path: str) -> None:
+        """Refuse an ``init_from`` (an existing path) that :meth:`import_reference` cannot
+        import: a ConfigError, one line, raised by ``kdjax.config.validate`` before any data
+        is read. A method that does not override ``import_reference`` has no format."""
+        if cls.import_reference is Method.import_reference:
+            from kdjax.errors import ConfigError
+
+            raise ConfigError(f"init_from={path!r}: method {cls.name!r} has no reference "
+                              "checkpoint format to import; leave init_from empty.")
+
     def import_reference(self, variables: Dict[str, Pytree], path: str) -> Dict[str, Pytree]:
         """``--config.init_from=path``: variables with the trained weights of a
         checkpoint written by the method's reference code (a ConfigError where the

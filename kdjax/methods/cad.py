@@ -273,11 +273,15 @@ class CAD(RD4AD):
                 "state": {"local": local["state"], "global": {"batch_stats": gvars["batch_stats"]}},
                 "frozen": local["frozen"]}
 
-    def import_reference(self, variables, path):
+    @classmethod
+    def check_init_from(cls, path):
         from kdjax.errors import ConfigError
 
         raise ConfigError("config.init_from: CAD has no public reference code, so there is no "
-                         "reference checkpoint to import; leave init_from empty.")
+                          "reference checkpoint to import; leave init_from empty.")
+
+    def import_reference(self, variables, path):
+        self.check_init_from(path)
 
     def loss(self, params, state, frozen, images, rng, cached=None):
         c = self.cad

@@ -244,6 +244,24 @@ class EfficientAD(Method):
         return {"params": params, "state": state,
                 "frozen": self.frozen_variables(teacher_variables)}
 
+    @classmethod
+    def check_init_from(cls, path):
+        import os
+
+        from kdjax import weights
+        from kdjax.errors import ConfigError
+
+        what = ("EfficientAD's init_from is a directory holding the reference EfficientAD's "
+                "teacher.pth, student.pth and autoencoder.pth (torch.save(model.state_dict()), "
+                "or the *_final.pth files its efficientad.py writes); leave init_from empty to "
+                "train from scratch")
+        if not os.path.isdir(path):
+            raise ConfigError(f"init_from={path!r} is a file: {what}.")
+        missing = [names[0] for names in weights.EFFICIENTAD_FILES.values()
+                   if not any(os.path.isfile(os.path.join(path, n)) for n in names)]
+        if missing:
+            raise ConfigError(f"init_from={path!r} has no {', '.join(missing)}: {what}.")
+
     def import_reference(self, variables, path):
         """A directory with the reference reproduction's teacher.pth, student.pth and
         autoencoder.pth (``torch.save(model.state_dict())``): the student and the

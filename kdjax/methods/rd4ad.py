@@ -78,6 +78,18 @@ class RD4AD(Method):
         return {"params": svars["params"], "state": {"batch_stats": svars["batch_stats"]},
                 "frozen": self.frozen_variables(teacher_variables)}
 
+    @classmethod
+    def check_init_from(cls, path):
+        import os
+
+        from kdjax.errors import ConfigError
+
+        if os.path.isdir(path):
+            raise ConfigError(f"init_from={path!r} is a directory: {cls.name} imports one "
+                              "checkpoint FILE of the reference code (torch.save of its "
+                              "{'bn', 'decoder'} state dicts); leave init_from empty to train "
+                              "from scratch.")
+
     def import_reference(self, variables, path):
         """A checkpoint of the reference RD4AD / MRKD code ({"bn", "decoder"} state dicts)."""
         from kdjax import weights
