@@ -13,13 +13,24 @@ MARGIN_MODES = ("absolute", "relative")  # DFSC margin: the gap (see dfsc_margin
 MARGIN_TARGETS = ("student", "autoencoder")  # DFSC margin: what the hinge keeps away
 
 
+_TINY = 1e-30  # below any norm that matters (the norms are clamped at _EPS)
+
+
+def _norm(x: jax.Array, axis: int, keepdims: bool = False) -> jax.Array:
+    """The L2 norm along ``axis`` with a finite gradient at a zero vector (sqrt's is
+    infinite there, and 0 * inf gave NaN gradients for an all-zero feature vector, e.g.
+    a position a ReLU zeroed entirely); the same value wherever the callers' clamp at
+    _EPS does not already apply."""
+    return jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=keepdims), _TINY))
+
+
 def cosine_distance_map(t: jax.Array, s: jax.Array) -> jax.Array:
     """Per-pixel 1 - cos(T[n,h,w,:], S[n,h,w,:]) of NHWC maps -> (N, H, W)."""
     t = t.astype(jnp.float32)
     s = s.astype(jnp.float32)
     dot = jnp.sum(t * s, axis=-1)
-    nt = jnp.sqrt(jnp.sum(t * t, axis=-1))
-    ns = jnp.sqrt(jnp.sum(s * s, axis=-1))
+    nt = _norm(t, -1)
+    ns = _norm(s, -1)
     return 1.0 - dot / jnp.maximum(nt * ns, _EPS)
 
 
@@ -31,7 +42,7 @@ def flat_cosine_loss(teacher: Sequence[jax.Array], student: Sequence[jax.Array])
         t = t.reshape(t.shape[0], -1).astype(jnp.float32)
         s = s.reshape(s.shape[0], -1).astype(jnp.float32)
         dot = jnp.sum(t * s, axis=-1)
-        norm = jnp.sqrt(jnp.sum(t * t, -1)) * jnp.sqrt(jnp.sum(s * s, -1))
+        norm = _norm(t, -1) * _norm(s, -1)
         total = total + jnp.mean(1.0 - dot / jnp.maximum(norm, _EPS))
     return total
 
@@ -179,7 +190,7 @@ def normalize_positions(f: jax.Array) -> jax.Array:
     """Per-position L2 normalization along channels of (N, P, C) or NHWC
     (a zero vector stays zero; the norm is clamped at 1e-8 as in cosine_distance_map)."""
     f = f.astype(jnp.float32)
-    n = jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True))
+    n = _norm(f, -1, keepdims=True)
     return f / jnp.maximum(n, _EPS)
 
 

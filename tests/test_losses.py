@@ -102,3 +102,16 @@ def test_contextual_affinity_loss_sums_scales_and_checks_shapes():
         losses.affinity_loss(a, d)
     with pytest.raises(ValueError, match="'l1' or 'l2'"):
         losses.affinity_loss(a, b, distance="l3")
+
+
+def test_gradients_are_finite_at_an_all_zero_feature_vector():
+    """A position whose features are all zero (a ReLU can zero a whole vector) gives
+    finite gradients in every cosine and affinity loss (sqrt's gradient at 0 is inf)."""
+    rng = np.random.default_rng(0)
+    t = jnp.asarray(rng.normal(size=(2, 4, 4, 8)), jnp.float32)
+    s = jnp.asarray(rng.normal(size=(2, 4, 4, 8)), jnp.float32).at[0, 1, 2].set(0.0)
+    for fn in (lambda s: losses.flat_cosine_loss([t], [s]),
+               lambda s: jnp.mean(losses.cosine_distance_map(t, s)),
+               lambda s: losses.contextual_affinity_loss([t], [s], block=4)):
+        g = jax.grad(fn)(s)
+        assert bool(jnp.all(jnp.isfinite(g))) and float(fn(s)) == float(fn(s))
