@@ -18,13 +18,15 @@ file may add top-level keys holding plain values (``configs/loco_cad.py``'s
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 
 import ml_collections
 
 from kdjax.data import checks as data_checks
+from kdjax.config_keys import (DEPRECATED_KEYS, closest_keys, flat_keys,  # noqa: F401
+                               unknown_key_message)
+from kdjax.targets import paper_categories, paper_targets  # noqa: F401
 from kdjax.errors import ConfigError, ConfigFileNotFoundError
 
 OPTIMIZERS = ("adam",)
@@ -35,7 +37,6 @@ DEFAULT_VALIDATION_FRACTION = 0.1
 CHECKED_SECTIONS = ("data", "train", "eval", "teacher", "distributed", "report")
 OPEN_SUBSECTIONS = ("eval.map_weights", "eval.weight_variants")
 OPEN_TOP_LEVEL = ("targets", "variants")  # and the method sections (kdjax.methods.METHODS)
-DEPRECATED_KEYS = ("data.val_fraction",)  # still accepted, never suggested
 
 
 def base_config(method: str = "rd4ad") -> ml_collections.ConfigDict:
@@ -174,55 +175,6 @@ def base_config(method: str = "rd4ad") -> ml_collections.ConfigDict:
 
 
 # ---------------------------------------------------------------------------
-# Paper numbers
-# ---------------------------------------------------------------------------
-
-def _plain_dict(d):
-    if hasattr(d, "to_dict"):
-        d = d.to_dict()
-    return {str(k): _plain_dict(v) if hasattr(v, "items") else v for k, v in d.items()}
-
-
-def _dotted(config, key: str):
-    node = config
-    for part in key.split("."):
-        if not hasattr(node, "keys") or part not in node:
-            raise ConfigError(
-                f"targets_by={key!r} is not a config key: it names the key whose value picks "
-                "one table of config.targets (e.g. 'efficientad.model_size').")
-        node = node[part]
-    return node
-
-
-def paper_targets(config):
-    """(targets, source): the paper's numbers this config is compared with,
-    {category or "mean": {metric: value in percent}}, or None when it names none; and
-    where they come from (``targets_source``, with the ``targets_by`` choice appended).
-
-    With ``targets_by`` set, ``config.targets`` holds one such table per value of that
-    key and the table of the key's current value is returned (matched exactly, else
-    ignoring case); a value without a table gives None. ConfigError when
-    ``targets_by`` is not a key of the config."""
-    raw = config.get("targets", None)
-    targets = _plain_dict(raw) if raw else {}
-    source = str(config.get("targets_source", "") or "")
-    by = str(config.get("targets_by", "") or "")
-    if by:
-        value = str(_dotted(config, by))
-        table = targets.get(value)
-        if table is None:
-            table = next((t for k, t in targets.items() if k.lower() == value.lower()), None)
-        targets = table or {}
-        source = f"{source} [{by}={value}]" if source else ""
-    return (targets or None), source
-
-
-def paper_categories(targets) -> list:
-    """The categories a targets table gives numbers for, in its order ("mean" left out)."""
-    return [k for k in (targets or {}) if k != "mean"]
-
-
-# ---------------------------------------------------------------------------
 # Categories (kdjax/data/checks.py)
 # ---------------------------------------------------------------------------
 
@@ -233,93 +185,6 @@ check_categories_present = data_checks.check_categories_present
 # ---------------------------------------------------------------------------
 # Keys
 # ---------------------------------------------------------------------------
-
-def flat_keys(config, open_sections=(), sections: bool = False) -> list:
-    """Dotted names of every value in ``config``; a nested ConfigDict is walked unless its
-    dotted name is in ``open_sections`` (then it is one key). ``sections``: also list the
-    names of the ConfigDicts walked."""
-    out = []
-
-    def walk(d, prefix):
-        for k in d.keys():
-            path = prefix + str(k)
-            v = d[k]
-            if isinstance(v, ml_collections.ConfigDict) and path not in open_sections:
-                if sections:
-                    out.append(path)
-                walk(v, path + ".")
-            else:
-                out.append(path)
-
-    walk(config, "")
-    return out
-
-
-def closest_keys(key: str, known, n: int = 3) -> list:
-    """The known dotted keys closest to ``key``: abbreviations (lr -> learning_rate),
-    near spellings and prefixes in the same section, then the same name in another section,
-    then near spellings of the whole key."""
-    known = list(known)
-    section, _, leaf = key.rpartition(".")
-    leaves = {}
-    for k in known:
-        s, _, name = k.rpartition(".")
-        if s == section:
-            leaves.setdefault(name, k)
-    out: list = []
-
-    def add(ks):
-        for k in ks:
-            if k not in out and k != key and not key.startswith(k + "."):
-                out.append(k)
-
-    add(leaves[name] for name in leaves
-        if len(leaf) >= 2 and "".join(w[:1] for w in name.split("_") if w) == leaf)
-    add(leaves[name] for name in difflib.get_close_matches(leaf, list(leaves), n=n, cutoff=0.6))
-    add(leaves[name] for name in leaves
-        if len(leaf) >= 3 and (name.startswith(leaf) or leaf.startswith(name)))
-    add(leaves[name] for name in leaves if _word_prefixes(leaf, name))
-    add(k for k in known if k.rpartition(".")[2] == leaf)
-    add(k for k in known if len(leaf) >= 2 and "".join(
-        w[:1] for w in k.rpartition(".")[2].split("_") if w) == leaf)
-    others = [k for k in known if k.rpartition(".")[0] != section]
-    add(difflib.get_close_matches(key, others, n=n, cutoff=0.6))
-    return [k for k in out if k not in DEPRECATED_KEYS][:n]
-
-
-def _word_prefixes(short: str, name: str) -> bool:
-    """Whether every word of ``short`` starts a word of ``name``, in order (val_frac ->
-    validation_fraction)."""
-    words, target = [w for w in short.split("_") if w], [w for w in name.split("_") if w]
-    if len(words) < 2 or len(words) > len(target):
-        return False
-    i = 0
-    for w in words:
-        while i < len(target) and not target[i].startswith(w):
-            i += 1
-        if i == len(target):
-            return False
-        i += 1
-    return True
-
-
-def unknown_key_message(key: str, known, how: str = "") -> str:
-    """``key`` is not a config key; the closest known keys (or the section's keys). One
-    line, without a final full stop."""
-    known = list(known)
-    close = closest_keys(key, known)
-    section = key.rpartition(".")[0]
-    if close:
-        hint = f"closest known keys: {', '.join(close)}"
-    elif section and any(k.startswith(section + ".") for k in known):
-        names = [k.rpartition(".")[2] for k in known
-                 if k.rpartition(".")[0] == section and k not in DEPRECATED_KEYS]
-        hint = f"the keys of {section} are: {', '.join(names)}"
-    else:
-        tops = sorted({k.split(".")[0] for k in known})
-        hint = f"the top-level keys are: {', '.join(tops)}"
-    return f"unknown config key {key!r}{how}; {hint}"
-
 
 def unknown_keys(config, methods=None) -> list:
     """Keys set in ``config`` that ``base_config()`` does not know, in the checked sections
@@ -641,61 +506,5 @@ def validate(config, mode: str | None = None) -> None:
         data_checks.check_evaluation_splits(config)
 
 
-# ---------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------
-
-def config_dir() -> str:
-    """The configs/ folder of this checkout."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-def shipped_configs() -> list:
-    d = config_dir()
-    if not os.path.isdir(d):
-        return []
-    return sorted(n[:-3] for n in os.listdir(d) if n.endswith(".py") and not n.startswith("_"))
-
-
-def missing_config_message(path: str, how: str = "") -> str:
-    """One line: no config file ``path``; the shipped configs (and the closest name)."""
-    names = shipped_configs()
-    stem = os.path.basename(path)
-    stem = stem[:-3] if stem.endswith(".py") else stem
-    close = difflib.get_close_matches(stem, names, n=1)
-    hint = f" Did you mean configs/{close[0]}.py?" if close else ""
-    avail = (f" The configs in configs/ are: {', '.join(n + '.py' for n in names)}."
-             if names else "")
-    return f"No config file {path!r}{how}.{hint}{avail}"
-
-
-def load_config(name_or_path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
-    """Load configs/<name>.py (or any config file path; "path:arg" calls get_config(arg))
-    and apply {"dotted.key": value}.
-
-    For notebooks and tests; the command line uses --config=... instead. The result is not
-    validated (call validate); an override of a key the config does not have is refused
-    with the closest known keys, except inside eval.map_weights / eval.weight_variants.
-    """
-    import importlib.util
-
-    path, args = name_or_path, ()
-    if not os.path.exists(path) and ":" in path:
-        path, arg = path.split(":", 1)
-        args = (arg,)
-    if not path.endswith(".py"):
-        path = os.path.join(config_dir(), path + ".py")
-    if not os.path.exists(path):
-        raise ConfigFileNotFoundError(missing_config_message(path))
-    spec = importlib.util.spec_from_file_location(
-        "kdjax_config_" + os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(*args)
-    if overrides:
-        known = flat_keys(config, OPEN_SUBSECTIONS, sections=True)
-        for key in overrides:
-            if key not in known and not _under_open(key):
-                raise ConfigError(unknown_key_message(key, known, " in the overrides") + ".")
-        config.update_from_flattened_dict(dict(overrides))
-    return config
+from kdjax.config_files import (config_dir, load_config, missing_config_message,  # noqa: E402,F401
+                                shipped_configs)

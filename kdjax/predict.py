@@ -62,7 +62,7 @@ class Predictor:
         recs = [Record(str(p), self.category, "test", "unknown", 0) for p in paths]
         prep = data.Preprocess.from_config(self.config)  # data.resize, data.image_filter
         images, kept = data.load_images(recs, self.model.size, on_corrupt=on_corrupt,
-                                        **prep.image_kw)
+                                        why="", **prep.image_kw)
         kept_paths = [r.image_path for r in kept]
         skipped = [str(p) for p in paths if str(p) not in set(kept_paths)]
         sizes = data.original_sizes(kept) if kept else []

@@ -69,8 +69,13 @@ def build_model(config):
                            threshold={"value": 1.0, "rule": "fixed"})
 
 
-def torch_reference(python: str, method: str, size: int, reps: int):
-    model = "rd4ad" if method in ("rd4ad", "mrkd", "cad") else "S"
+def torch_reference(python: str, config, size: int, reps: int):
+    """The reference's batch-1 latency: RD4AD's for the RD family (MRKD and CAD add
+    modules to it: their reference is RD4AD's, the closest published network),
+    EfficientAD-S or -M for EfficientAD."""
+    method = config.method
+    model = ("rd4ad" if method in ("rd4ad", "mrkd", "cad")
+             else str(config.efficientad.model_size).upper())
     cmd = [python, os.path.join(REPO, "tools", "bench_torch_reference.py"), "--models", model,
            "--no_train", "--infer_batch", "1", "--infer_reps", "1", "--latency_reps",
            str(reps), "--image_size", str(size)]
@@ -137,7 +142,9 @@ def main():
             try:
                 import openvino as ov
 
-                compiled = ov.Core().compile_model(onnx_path, "CPU")
+                # f32: OpenVINO's CPU plugin would run bf16 where the CPU has it
+                compiled = ov.Core().compile_model(onnx_path, "CPU",
+                                                   {"INFERENCE_PRECISION_HINT": "f32"})
                 rows.append({"path": "model.onnx (OpenVINO)",
                              "ms": median_ms(lambda: compiled([x]), args.reps)})
             except ImportError:
@@ -149,7 +156,7 @@ def main():
 
     ref_ms = None
     if args.torch_python:
-        ref = torch_reference(args.torch_python, config.method, s, args.reps)
+        ref = torch_reference(args.torch_python, config, s, args.reps)
         ref_ms = ref["latency_ms_median"]
         rows.insert(0, {"path": f"reference {ref['model']} (eager, {ref['threads']} threads)",
                         "ms": ref_ms})

@@ -193,15 +193,15 @@ def load_one(path: str, size: int, resize: str = "stretch",
 
 
 def load_images(records: Sequence[Record], image_size: int, on_corrupt: str = "raise", *,
-                resize: str = "stretch",
-                image_filter: str = "bilinear") -> Tuple[np.ndarray, List[Record]]:
+                resize: str = "stretch", image_filter: str = "bilinear",
+                why: str = " (data.on_corrupt=skip)") -> Tuple[np.ndarray, List[Record]]:
     """Decode and resize images to (N, S, S, 3) uint8 (module doc: ``resize``,
     ``image_filter``; the defaults are antialiased bilinear interpolation of the whole
     image, PIL ``Image.resize((S, S), Image.BILINEAR)``), using a thread pool.
 
     on_corrupt="raise": an undecodable file raises ImageError naming it.
-    on_corrupt="skip": such files are skipped with a warning naming each; the
-    returned records are those kept, in order.
+    on_corrupt="skip": such files are skipped with a warning naming each (``why`` says
+    what asked for the skipping); the returned records are those kept, in order.
     """
     if on_corrupt not in ("raise", "skip"):
         raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}.")
@@ -222,7 +222,7 @@ def load_images(records: Sequence[Record], image_size: int, on_corrupt: str = "r
     with concurrent.futures.ThreadPoolExecutor(num_workers()) as ex:
         for r, res in zip(records, ex.map(work, records)):
             if isinstance(res, ImageError):
-                log.warning("Skipping corrupt image (data.on_corrupt=skip): %s", res)
+                log.warning("Skipping an unreadable image%s: %s", why, res)
                 continue
             out[len(kept)] = res
             kept.append(r)

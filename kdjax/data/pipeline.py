@@ -167,10 +167,12 @@ def build_cache(images: ImageSet, folder: str) -> str:
 
 
 def batch_stream(steps: Iterator[Tuple[np.ndarray, dict]], main: ImageSet,
-                 extra: Optional[dict] = None, prefetch: Optional[int] = None):
+                 extra: Optional[dict] = None, prefetch: Optional[int] = None,
+                 threads: Optional[int] = None):
     """An iterator of (uint8 batch, {name: uint8 extra batch}), one per element of
     ``steps`` = (indices into ``main``, {name: indices into ``extra[name]``}), decoded
-    in parallel by tf.data (deterministic order) and prefetched."""
+    in parallel by tf.data (deterministic order) and prefetched; ``threads`` bounds
+    tf.data's thread pool (default: one per core)."""
     tf = import_tf()
     extra = dict(extra or {})
     names = sorted(extra)
@@ -194,6 +196,8 @@ def batch_stream(steps: Iterator[Tuple[np.ndarray, dict]], main: ImageSet,
     ds = ds.prefetch(tf.data.AUTOTUNE if prefetch is None else int(prefetch))
     opts = tf.data.Options()
     opts.deterministic = True
+    if threads:
+        opts.threading.private_threadpool_size = int(threads)
     ds = ds.with_options(opts)
     for item in ds.as_numpy_iterator():
         yield item[0], dict(zip(names, item[1:]))
