@@ -311,7 +311,7 @@ def _check_keys(config, methods) -> None:
                       ". Fix its name in the config file (or the --config.<key> flag).")
 
 
-def _check_train(config) -> None:
+def _check_train(config, method_cls) -> None:
     from kdjax.methods import METHODS, method_class
 
     t = config.train
@@ -324,7 +324,7 @@ def _check_train(config) -> None:
     wd = _number(config, "train.weight_decay")
     if not math.isfinite(wd) or wd < 0:
         raise ConfigError(f"train.weight_decay={wd}: must be a finite number >= 0.")
-    if wd != 0 and not method_class(method).applies_weight_decay:
+    if wd != 0 and not method_cls.applies_weight_decay:
         takes = [m for m in METHODS if method_class(m).applies_weight_decay]
         raise ConfigError(
             f"train.weight_decay={wd}: method {method!r} does not apply weight decay (its "
@@ -440,8 +440,7 @@ def _check_teacher(config) -> None:
         raise ConfigError("teacher.width_divisor != 1 only works with teacher.weights='random'.")
 
 
-# efficientad.model_size (and its aliases) -> the PDN teacher it needs.
-def _check_files(config) -> None:
+def _check_files(config, method) -> None:
     """Checks that look at the file system (cheap: no file is read)."""
     w = str(config.teacher.weights)
     if w not in ("auto", "random"):
@@ -456,14 +455,11 @@ def _check_files(config) -> None:
                 "file, 'auto' (the ImageNet weights, cached or downloaded) or 'random'.")
     init_from = str(config.get("init_from", "") or "")
     if init_from:
-        from kdjax.methods import method_class
-
         if not os.path.exists(init_from):
             raise ConfigError(
                 f"init_from={init_from!r}: no such file or directory (a checkpoint of the "
                 "reference PyTorch code); leave init_from empty to train from scratch.")
-        method_class(config.method).check_init_from(init_from)
-    data_checks.check_root(config)
+        method.check_init_from(init_from)
 
 
 EVALUATING_MODES = ("train_and_eval", "eval")
@@ -482,28 +478,27 @@ def validate(config, mode: str | None = None) -> None:
     size (image headers only; kdjax.data.checks.check_evaluation_splits)."""
     from kdjax.methods import METHODS, method_class
 
+    # The config alone: keys, values, training and evaluation settings.
     _check_keys(config, METHODS)
     method = method_class(config.method)  # an unknown name: ConfigError
-    spec = data_checks.check_values(config)
     size = _number(config, "data.image_size", int)
     if size < 32 or size % 32:
         raise ConfigError(f"data.image_size={size}: must be a multiple of 32 and >= 32.")
     if config.data.on_corrupt not in ("raise", "skip"):
         raise ConfigError(
             f"data.on_corrupt={config.data.on_corrupt!r}: must be 'raise' or 'skip'.")
-    if spec.generated or str(config.data.category).strip() != "all":
-        categories_of(config)  # names only; "all" of a folder dataset needs the root
     _resolve_validation_fraction(config)
     _check_teacher(config)
-    _check_train(config)
+    _check_train(config, method)
     _check_eval(config)
-    method.resolve_settings(config)  # the method's section: keys and values
-    _check_map_weights(config, method)
-    paper_targets(config)  # a targets_by that names no key
     _check_report(config)
-    _check_files(config)
-    if mode in EVALUATING_MODES:
-        data_checks.check_evaluation_splits(config)
+    # The method's section, its map weights and an imported checkpoint.
+    method.resolve_settings(config)
+    _check_map_weights(config, method)
+    _check_files(config, method)
+    paper_targets(config)  # a targets_by that names no key
+    # The dataset, in one place (directory listings and image headers only).
+    data_checks.check_data(config, evaluating=mode in EVALUATING_MODES)
 
 
 from kdjax.config_files import (config_dir, load_config, missing_config_message,  # noqa: E402,F401

@@ -341,3 +341,15 @@ def check_evaluation_splits(config, root: str = None) -> None:
                     f"{ihw[1]}x{ihw[0]}: a mask must have its image's size; restore the mask "
                     f"from the original download (or resize it to {ihw[1]}x{ihw[0]}).")
         _CHECKED_SPLITS.add(key)
+
+
+def check_data(config, evaluating: bool = False) -> None:
+    """Every data check ``config.validate`` makes, in one place: the data values, the
+    category names, the root (every category present with training images) and, when
+    ``evaluating``, what the evaluation will read (:func:`check_evaluation_splits`)."""
+    spec = check_values(config)
+    if spec.generated or str(config.data.category).strip() != "all":
+        categories_of(config)  # names only; "all" of a folder dataset needs the root
+    check_root(config)
+    if evaluating:
+        check_evaluation_splits(config)

@@ -1,70 +1,17 @@
 """CAD / DSKD: Contextual Affinity Distillation (Zhang, Suganuma, Okatani, WACV 2024;
-arXiv 2307.03101), as reconstructed in docs/METHODS.md ("CAD").
+arXiv 2307.03101), as reconstructed in docs/METHODS.md ("CAD / DSKD"): what the paper
+fixes, each of kdjax's reconstruction choices and every ``config.cad`` key (defaults and
+checks: kdjax/methods/cad_settings.py).
 
-No official code is public. The published description fixes the frame: an
-ImageNet WRN50 teacher, a LOCAL student that reproduces the teacher's
-multi-scale features with the per-layer cosine loss (structural anomalies),
-and a GLOBAL student fed through a Global Context Condensing Block (GCCB)
-that condenses the teacher's high-level features along the channel
-dimension, trained with a contextual affinity loss whose discrepancy also
-scores anomalies (logical anomalies). Everything below that is not in that
-description is kdjax's choice, and each is a key of ``config.cad``
-(defaults in ``default_config()``):
-
-Local student (fixed): exactly RD4AD (this class subclasses
-``kdjax.methods.rd4ad.RD4AD``): OCBE + mirrored decoder, flattened cosine
-loss over layer1..3, RD4AD's anomaly map ("local" component).
-
-Global branch (``kdjax.models.cad``):
-- ``gccb_input``: "layer3" (teacher layer3, default) or "ocbe" (the local
-  student's OCBE output, captured from the same forward pass).
-  ``gccb_stop_gradient`` (default True) keeps the global losses from
-  changing the OCBE, so the local student trains exactly as RD4AD.
-- ``d`` (128): condensed channel count (divided by teacher.width_divisor,
-  kept a multiple of ``heads``). ``pool_grid`` (8): the condensed map is
-  average-pooled to 8x8 (from 16x16 at a 256 input); narrow channels plus
-  a coarse grid is the bottleneck that stops the global student from copying
-  local detail, so it has to predict the teacher from context.
-- ``mixing``: "attention" (default; ``attention_blocks`` pre-LN transformer
-  blocks with ``heads`` heads and a learned position embedding, since
-  logical constraints concern where things are) or "pool" (global-average
-  context vector broadcast back and fused) or "none" (ablation).
-- ``global_layers`` (layer2, layer3): the teacher taps the global student
-  predicts; ``decoder_widths`` (256, 128, 64 at the layer3/2/1 stages, also
-  divided by width_divisor) and ``decoder_blocks`` (2 conv3x3+BN+ReLU per
-  stage).
-
-Loss = RD4AD local loss
-     + ``global_weight`` (1.0) * cosine feature loss of the global student on
-       ``global_layers`` (``global_feature_loss``: "flat" = RD4AD's flattened
-       cosine, "pixel" = mean per-pixel cosine distance)
-     + ``affinity_weight`` (1.0) * contextual affinity loss: for each tap in
-       ``affinity_layers`` (layer2, layer3), the mean over all N*HW*HW entries
-       of |A_teacher - A_global| (``affinity_distance`` "l1", or "l2"),
-       A = Fn Fn^T with Fn per-position L2-normalized; summed over taps.
-       ``affinity_weight`` = 0 is the "no affinity loss" ablation (the
-       affinity term is then not computed at all).
-  The affinity matrices are never materialized: ``kdjax.losses`` walks over
-  ``affinity_block`` query rows at a time with rematerialization
-  (``affinity_precision``: matmul precision, "default" | "high" | "highest").
-
-Optimizer: the engine's (Adam, train.learning_rate and betas) over both
-students; ``global_learning_rate`` (default -1: the same) >= 0 gives the
-global branch its own rate (``optax.multi_transform`` over the "local" and
-"global" parameter groups).
-
-Maps (``map_names = ("local", "global")``):
-- local: RD4AD's map of the local student (sigma ``eval.gaussian_sigma``, 4).
-- global (``global_map`` = "affinity", default): for each tap in
-  ``affinity_layers``, D[p] = mean over q != p of |A_t[p,q] - A_g[p,q]|,
-  bilinearly upsampled (align_corners=True) to the input size, summed over
-  taps, Gaussian-filtered with ``global_sigma`` (default -1: the local map's
-  sigma, ``eval.gaussian_sigma``). "cosine" uses the
-  global student's per-pixel cosine distance on ``global_layers`` instead,
-  "affinity+cosine" sums both.
-The engine normalizes each component with its validation quantiles
-(config.eval.quantiles) and sums them with config.eval.map_weights, so the
-local-only / global-only / both ablations are map weights only.
+In short: the LOCAL student is exactly RD4AD (this class subclasses
+``kdjax.methods.rd4ad.RD4AD``). A GLOBAL student, fed through the Global Context
+Condensing Block (``kdjax.models.cad``: channel condensation, a coarse pooled grid,
+attention over its positions), predicts the teacher's ``global_layers`` and is trained
+with a cosine feature loss plus the contextual affinity loss (``kdjax.losses``: mean
+|A_teacher - A_global| of the per-position cosine affinities, never materialized).
+Maps: "local" (RD4AD's) and "global" (the affinity discrepancy of each position),
+normalized with validation quantiles and summed with ``eval.map_weights`` by the engine.
+``cad.global_learning_rate`` >= 0 gives the global branch its own Adam learning rate.
 """
 
 from __future__ import annotations
@@ -79,83 +26,8 @@ import optax
 from kdjax import losses, ops
 from kdjax.errors import ConfigError
 from kdjax.methods.rd4ad import RD4AD, TAPS, rd_anomaly_map
-from kdjax.models.cad import MIXINGS
-
-GLOBAL_MAPS = ("affinity", "cosine", "affinity+cosine")
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Defaults of ``config.cad`` (documented in this module's docstring)."""
-    c = ml_collections.ConfigDict()
-    c.gccb_input = "layer3"  # layer3 | ocbe
-    c.gccb_stop_gradient = True
-    c.d = 128
-    c.mixing = "attention"  # attention | pool | none
-    c.heads = 4
-    c.attention_blocks = 1
-    c.mlp_ratio = 2
-    c.pos_embed = True
-    c.pool_grid = 8  # 0: no spatial pooling
-    c.decoder_widths = (256, 128, 64)
-    c.decoder_blocks = 2
-    c.global_layers = ("layer2", "layer3")
-    c.global_weight = 1.0
-    c.global_feature_loss = "flat"  # flat | pixel
-    c.affinity_layers = ("layer2", "layer3")
-    c.affinity_weight = 1.0
-    c.affinity_distance = "l1"  # l1 | l2
-    c.affinity_block = 256  # query rows per block of the chunked affinity computation
-    c.affinity_precision = "default"  # default | high | highest
-    c.global_map = "affinity"  # affinity | cosine | affinity+cosine
-    c.global_sigma = -1.0  # < 0: the local map's sigma (eval.gaussian_sigma, default 4)
-    # Learning rate of the global branch (GCCB + global student). < 0: the same
-    # optimizer as the local student (train.learning_rate, train.b1/b2), one Adam over
-    # all parameters; >= 0: the same optimizer kind with this rate for the global
-    # group only (optax.multi_transform over {"local", "global"}).
-    c.global_learning_rate = -1.0
-    return c
-
-
-def check_settings(cad, config=None) -> None:
-    """Refuse ``config.cad`` values that cannot run (ConfigError, one line)."""
-    def bad(key, why):
-        raise ConfigError(f"cad.{key}={cad[key]!r}: {why}")
-
-    if cad.gccb_input not in ("layer3", "ocbe"):
-        bad("gccb_input", "use 'layer3' or 'ocbe'.")
-    if cad.mixing not in MIXINGS:
-        bad("mixing", f"use one of {', '.join(MIXINGS)}.")
-    for key in ("global_layers", "affinity_layers"):
-        taps = tuple(cad[key])
-        if any(t not in TAPS for t in taps) or (key == "global_layers" and not taps):
-            bad(key, f"use a non-empty subset of {TAPS}.")
-    missing = [t for t in cad.affinity_layers if t not in tuple(cad.global_layers)]
-    if missing:
-        bad("affinity_layers", f"{missing} are not in cad.global_layers "
-            f"{tuple(cad.global_layers)}: the global student must predict every tap its "
-            "affinity is compared on.")
-    if cad.global_map not in GLOBAL_MAPS:
-        bad("global_map", f"use one of {', '.join(GLOBAL_MAPS)}.")
-    if cad.global_map != "cosine" and not tuple(cad.affinity_layers):
-        bad("affinity_layers", "the affinity map (cad.global_map) needs at least one tap; or "
-            "set cad.global_map='cosine'.")
-    if cad.global_feature_loss not in ("flat", "pixel"):
-        bad("global_feature_loss", "use 'flat' or 'pixel'.")
-    if cad.affinity_distance not in ("l1", "l2"):
-        bad("affinity_distance", "use 'l1' or 'l2'.")
-    if cad.affinity_precision not in losses.PRECISIONS:
-        bad("affinity_precision", f"use one of {', '.join(losses.PRECISIONS)}.")
-    for key in ("affinity_block", "heads", "attention_blocks", "mlp_ratio", "d"):
-        if int(cad[key]) < 1:
-            bad(key, "must be >= 1.")
-    for key in ("pool_grid", "decoder_blocks"):
-        if int(cad[key]) < 0:
-            bad(key, "must be >= 0.")
-    if len(tuple(cad.decoder_widths)) != 3 or min(int(w) for w in cad.decoder_widths) < 1:
-        bad("decoder_widths", "needs 3 positive widths (layer3, layer2, layer1 stages).")
-    for key in ("global_weight", "affinity_weight"):
-        if not float(cad[key]) >= 0:
-            bad(key, "must be a number >= 0.")
+# The settings live in their own file; their names stay importable from here.
+from kdjax.methods.cad_settings import GLOBAL_MAPS, check_settings, default_config  # noqa: F401
 
 
 def resolve_config(config) -> ml_collections.ConfigDict:
@@ -275,8 +147,7 @@ class CAD(RD4AD):
 
     @classmethod
     def check_init_from(cls, path):
-        from kdjax.errors import ConfigError
-
+        
         raise ConfigError("config.init_from: CAD has no public reference code, so there is no "
                           "reference checkpoint to import; leave init_from empty.")
 
