@@ -234,10 +234,11 @@ def _training_signature(config) -> str:
 
 
 def run_config(config, workdir: str, mode: str, ckpt_root: str,
-               write_model: bool = True, monitor=None) -> Dict[str, Any]:
+               write_model: bool = True, monitor=None, variant: str = "") -> Dict[str, Any]:
     """Train and/or evaluate every category of one config; returns per-variant
     categories and the threshold report per category. ``write_model``: this is the
-    run's first (headline) config: write its model artifact and its report files."""
+    run's first (headline) config: write its model artifact and its report files.
+    ``variant``: the name of this config in ``config.variants`` ("" when none)."""
     mesh = make_mesh()
     kernels = backends.select()  # how the models compute on this backend, chosen once
     root = dataset_root(config, workdir)
@@ -260,7 +261,7 @@ def run_config(config, workdir: str, mode: str, ckpt_root: str,
         ts, frozen = train_category(cat_config, method, teacher.variables, cat, ckpt_dir, mesh,
                                     train=mode in ("train", "train_and_eval"),
                                     metrics_path=os.path.join(workdir, "train_metrics.jsonl"),
-                                    monitor=monitor)
+                                    monitor=monitor, variant=variant)
         model = build_model(cat_config, method, teacher, ts, frozen, cat, mesh)
         if write_model:
             save_model(model, workdir)
@@ -302,7 +303,7 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> Di
                 monitor.prefix = f"{vname}/"
             # The model artifact (model/<category>) is the first run's.
             out = run_config(vconfig, workdir, mode, ckpt_root, write_model=first is None,
-                             monitor=monitor)
+                             monitor=monitor, variant=vname if variants else "")
             first = first or out
             method = out["method"]
             for wname, cats in out["per_variant"].items():

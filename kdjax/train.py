@@ -233,6 +233,7 @@ def init_train_state(config, method, teacher_variables, cat: CategoryData, mesh:
 
 def train_category(config, method, teacher_variables, cat: CategoryData, ckpt_dir: str,
                    mesh: Mesh, train: bool = True, metrics_path: Optional[str] = None,
+                   variant: str = "",
                    monitor=None):
     """Train (or resume, or just restore) one category; returns (ts, frozen).
 
@@ -296,7 +297,8 @@ def train_category(config, method, teacher_variables, cat: CategoryData, ckpt_di
     seen = 0  # images since the last log line
     next_ckpt = (start // ckpt_every + 1) * ckpt_every
     if metrics_path and jax.process_index() == 0:
-        _drop_metrics_after(metrics_path, cat.category, start)  # steps redone after a resume
+        # steps redone after a resume (this variant's rows only)
+        _drop_metrics_after(metrics_path, cat.category, start, variant)
     from kdjax.monitor import Monitor, learning_rates
 
     mon = monitor or Monitor()
@@ -327,8 +329,10 @@ def train_category(config, method, teacher_variables, cat: CategoryData, ckpt_di
                 mon.train_log(step, means, ips, learning_rates(method, step, steps))
                 if metrics_path and jax.process_index() == 0:
                     with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"category": cat.category, "step": step,
-                                            "images_per_s": ips, **means}) + "\n")
+                        row = {"category": cat.category, "step": step, "images_per_s": ips}
+                        if variant:
+                            row["variant"] = variant
+                        f.write(json.dumps({**row, **means}) + "\n")
                 last_log, t_log, seen = step, now, 0
             if step >= next_ckpt or step == steps:
                 checkpoints.save(mngr, ts)
@@ -395,9 +399,10 @@ def _diverged_message(config, category, losses, bad_step, last, ckpt_dir) -> str
             "otherwise).")
 
 
-def _drop_metrics_after(path: str, category: str, step: int) -> None:
+def _drop_metrics_after(path: str, category: str, step: int, variant: str = "") -> None:
     """Remove ``category``'s rows past ``step`` from train_metrics.jsonl: a resumed run
-    redoes those steps and writes them again."""
+    redoes those steps and writes them again. Only the rows of the same ``variant``
+    (config.variants) go: another variant's training of the category keeps its rows."""
     import os
 
     if not os.path.exists(path):
@@ -410,7 +415,8 @@ def _drop_metrics_after(path: str, category: str, step: int) -> None:
             row = json.loads(line)
         except ValueError:
             continue
-        if row.get("category") == category and int(row.get("step", 0)) > step:
+        if (row.get("category") == category and row.get("variant", "") == variant
+                and int(row.get("step", 0)) > step):
             continue
         keep.append(line)
     if len(keep) != len(lines):

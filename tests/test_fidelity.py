@@ -6,6 +6,8 @@
   margin_weight 0 = EfficientAD exactly for both.
 * CAD's optimizer (cad.global_learning_rate): the default is the engine's
   single Adam; a separate rate scales only the global group's updates.
+* MRKD's test-time feature masking (mrkd.flm_at_test): off by default; on, a
+  reproducible fresh mask per batch, as the official evaluation.
 """
 
 import jax
@@ -236,3 +238,43 @@ def _first_grads(params):
     rng = np.random.default_rng(4)  # the first gradients _updates draws
     return jax.tree_util.tree_map(
         lambda p: jnp.asarray(rng.normal(size=p.shape).astype(np.float32)), params)
+
+
+# ---------------------------------------------------------------------------
+# MRKD's test-time feature masking (mrkd.flm_at_test)
+# ---------------------------------------------------------------------------
+
+def test_mrkd_test_time_masking_is_the_official_protocol_and_reproducible():
+    """Off (default): deterministic maps without masks. On: a fresh random mask per
+    batch (each batch's maps differ from the unmasked ones, two batches draw different
+    masks), drawn from the eval seed so that a rerun gives the same maps; the notes for
+    results.json / results.md say which protocol ran."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_engine import tiny_config
+
+    from kdjax.methods import get_method
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3), jnp.float32)
+    y = x + 0.25  # another batch
+    out = {}
+    for on in (False, True):
+        c = tiny_config("mrkd")
+        with c.unlocked():
+            c.mrkd = base_config("mrkd").mrkd  # the demo config has no mrkd section
+            c.mrkd.flm_at_test = on
+        m = get_method(c)
+        v = init_method(c, m, jax.random.PRNGKey(0), x.shape)
+        f = jax.jit(lambda p, b: m.maps(p, v["state"], v["frozen"], b)["map"])
+        out[on] = [np.asarray(f(v["params"], b)) for b in (x, x, y)]
+        notes = " ".join(m.notes())
+        assert ("flm_at_test=True): a random mask" in notes) == on
+        assert ("without test-time feature masking" in notes) == (not on)
+    off, on = out[False], out[True]
+    np.testing.assert_array_equal(off[0], off[1])
+    np.testing.assert_array_equal(on[0], on[1])  # the same batch, the same mask
+    assert np.abs(on[0] - off[0]).max() > 1e-4 and np.abs(on[2] - off[2]).max() > 1e-4
+    k = [np.asarray(m.test_mask_key(b)) for b in (x, x, y)]
+    assert (k[0] == k[1]).all() and not (k[0] == k[2]).all()  # another batch, another mask

@@ -101,6 +101,11 @@ def test_trained_model_predicts_and_exports_through_the_cli(name, roots, tmp_pat
     assert set(t["test"]) >= {"precision", "recall", "tp", "fp"}
     md = open(os.path.join(wd, "results.md")).read()
     assert "Decision threshold" in md
+    # train_metrics.jsonl: each trained variant keeps its rows (a later variant's training
+    # of the same category does not drop them as a resume would).
+    rows = [json.loads(line) for line in open(os.path.join(wd, "train_metrics.jsonl"))]
+    variants = set(c.variants) if c.get("variants") else {None}
+    assert {(r.get("variant"), r["step"]) for r in rows} == {(v, 2) for v in variants}
     # EfficientAD without a penalty folder says, in the log, results.json and results.md,
     # that the paper's numbers assume the ImageNet penalty, and how to give it.
     fix = "--config.efficientad.penalty_dir=<folder of ImageNet train images>"
