@@ -1,7 +1,7 @@
 """Batch-1 inference latency of a trained model's serving paths, side by side.
 
     python tools/bench_latency.py --config=configs/mvtec_rd4ad.py [--reps 50] \
-        [--torch_python ../torch-venv/bin/python] [--json latency.json]
+        [--torch_python torch-venv/bin/python] [--json latency.json]
 
 For the config's method at its image size, with random weights (the time does
 not depend on their values), fp32, batch 1, the median of ``--reps`` calls

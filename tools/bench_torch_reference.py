@@ -4,8 +4,8 @@ kdjax never imports torch; this tool runs in a separate torch environment so
 that kdjax's throughput (tools/benchmark.py) is
 compared with the reference code on the same machine, at the same moment:
 
-    python3 -m venv ../torch-venv && ../torch-venv/bin/pip install torch torchvision
-    ../torch-venv/bin/python tools/bench_torch_reference.py --models rd4ad,S,M
+    python3 -m venv torch-venv && torch-venv/bin/pip install torch torchvision
+    torch-venv/bin/python tools/bench_torch_reference.py --models rd4ad,S,M
 
 What is timed, following the reference code step by step (random weights; the
 speed does not depend on their values), fp32, 256x256:
