@@ -311,11 +311,11 @@ def _check_keys(config, methods) -> None:
                       ". Fix its name in the config file (or the --config.<key> flag).")
 
 
-def _check_train(config, method_cls) -> None:
+def _check_train(config, method) -> None:
+    """train.* values; ``method``: the config's Method class."""
     from kdjax.methods import METHODS, method_class
 
     t = config.train
-    method = config.method
     opt = t.optimizer
     if opt not in OPTIMIZERS:
         raise ConfigError(
@@ -324,10 +324,10 @@ def _check_train(config, method_cls) -> None:
     wd = _number(config, "train.weight_decay")
     if not math.isfinite(wd) or wd < 0:
         raise ConfigError(f"train.weight_decay={wd}: must be a finite number >= 0.")
-    if wd != 0 and not method_cls.applies_weight_decay:
+    if wd != 0 and not method.applies_weight_decay:
         takes = [m for m in METHODS if method_class(m).applies_weight_decay]
         raise ConfigError(
-            f"train.weight_decay={wd}: method {method!r} does not apply weight decay (its "
+            f"train.weight_decay={wd}: method {config.method!r} does not apply weight decay (its "
             f"optimizer follows its paper); only {', '.join(takes)} does. Set "
             "--config.train.weight_decay=0.")
     lr = _number(config, "train.learning_rate")

@@ -147,7 +147,6 @@ class CAD(RD4AD):
 
     @classmethod
     def check_init_from(cls, path):
-        
         raise ConfigError("config.init_from: CAD has no public reference code, so there is no "
                           "reference checkpoint to import; leave init_from empty.")
 

@@ -45,12 +45,13 @@ from kdjax.errors import ConfigError
 from kdjax.losses import dfsc_margin_loss, hard_feature_loss
 from kdjax.methods.base import Method
 # The settings live in their own file; their names stay importable from here.
-from kdjax.methods.efficientad_settings import (_ARCH_OF_SIZE, check_settings,  # noqa: F401
+from kdjax.methods.efficientad_settings import (_ARCH_OF_SIZE, check_settings,
                                                 default_efficientad_config)
 from kdjax.models.pdn import PDN, Autoencoder, pdn_output_size
 from kdjax.optim import stepped_adam
 
 log = logging.getLogger("kdjax")
+
 
 def efficientad_settings(config) -> ml_collections.ConfigDict:
     """``config.efficientad`` merged over the defaults and checked
@@ -160,7 +161,7 @@ class EfficientAD(Method):
     @classmethod
     def check_init_from(cls, path):
         from kdjax import weights
-        
+
         what = ("EfficientAD's init_from is a directory holding the reference EfficientAD's "
                 "teacher.pth, student.pth and autoencoder.pth (torch.save(model.state_dict()), "
                 "or the *_final.pth files its efficientad.py writes); leave init_from empty to "

@@ -33,7 +33,7 @@ def default_efficientad_config() -> ml_collections.ConfigDict:
     c.penalty_max_images = 0
     c.penalty_grayscale = 0.3  # RandomGrayscale probability of the penalty images
     c.map_padding = 4  # zero padding (feature pixels) of each map before upsampling
-    # DFSC margin (Lee & Kim 2024; reconstruction, see the module docstring).
+    # DFSC margin (Lee & Kim 2024; reconstruction, see kdjax/methods/efficientad.py's docstring).
     c.margin_weight = 0.0  # w; 0 = EfficientAD exactly
     # What the hinge keeps at least the gap away from the teacher, on the distinctive
     # positions: "student" = the student's global branch, relu(gap - ||S_ae - T||^2)
@@ -42,7 +42,7 @@ def default_efficientad_config() -> ml_collections.ConfigDict:
     c.margin_target = "student"
     # The hinge's gap: "absolute" = margin, on channel-mean squared distances of
     # normalized teacher features; "relative" = margin * ||T - A||^2 at that position
-    # (degenerate with margin_target="autoencoder": see the module docstring).
+    # (degenerate with margin_target="autoencoder": check_settings warns).
     c.margin_mode = "absolute"
     c.margin = 0.5  # m
     c.margin_quantile = 0.9  # q: positions with ||T - A||^2 above it are "distinctive"
