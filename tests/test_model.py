@@ -284,3 +284,42 @@ def test_eval_of_reference_efficientad_state_dicts(roots, tmp_path):
     assert model.provenance["file"] == os.path.join(ref, "teacher.pth")
     std = np.asarray(model.state["teacher_std"])
     assert np.all(std > 0) and not np.allclose(std, 1.0)  # computed, not the init value
+
+
+# The training commands docs/METHODS.md (and configs/loco_margin.py's docstring) record its DFSC and CAD measurements with, as
+# written there, then the tiny overrides (later flags win): each runs through kdjax.main.
+DOCUMENTED_RUNS = {
+    "dfsc_student_form": [
+        "--config=configs/loco_margin.py:only", "--config.data.dataset=synthetic",
+        "--config.data.root=runs/synth", "--config.data.image_size=128",
+        "--config.teacher.weights=random", "--config.teacher.allow_random=True",
+        "--config.efficientad.channels_divisor=4", "--config.train.steps=1000",
+        "--config.train.steps_per_call=100", "--config.train.log_every=100", "--config.seed=0",
+        "--config.efficientad.margin_target=student", "--config.efficientad.margin_mode=relative"],
+    "cad_global_learning_rate": [
+        "--config=configs/demo.py", "--config.cad.global_learning_rate=1e-4"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED_RUNS))
+def test_documented_training_commands_run(name, roots, tmp_path):
+    # the demo's tiny overrides hold the tiny synthetic set's root and size
+    tiny = [a for a in tiny_args("demo", roots)[0] if "width_divisor" not in a
+            and "image_size" not in a]
+    if name.startswith("dfsc"):
+        tiny += ["--config.efficientad.channels_divisor=16", "--config.data.image_size=64"]
+    else:
+        tiny += ["--config.teacher.width_divisor=16", "--config.data.image_size=32"]
+    wd = str(tmp_path / "w")
+    cli(*DOCUMENTED_RUNS[name], f"--workdir={wd}", *tiny)
+    (cat,) = json.load(open(os.path.join(wd, "results.json")))["categories"]
+    cfg = json.load(open(os.path.join(wd, "model", cat, "model.json")))["config"]
+    rows = [json.loads(line) for line in open(os.path.join(wd, "train_metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [2] and cfg["data"]["root"] == roots["synthetic"]
+    if name.startswith("dfsc"):
+        e = cfg["efficientad"]
+        assert (e["margin_target"], e["margin_mode"], e["margin_weight"]) == (
+            "student", "relative", 1.0)
+        assert "margin_active" in rows[0] and "variant" not in rows[0]  # ':only': one model
+    else:
+        assert cfg["cad"]["global_learning_rate"] == 1e-4
